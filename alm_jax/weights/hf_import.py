@@ -1,0 +1,158 @@
+"""Strict import of Hugging Face safetensors checkpoints into NNX models, tensor by tensor.
+
+A model family supplies a key table: a list of `Rule`s, each a regex over HF tensor names, the NNX state
+path it fills (with `{0}`, `{1}`... taken from the regex groups), and a transform (transpose, reshape).
+Import is strict: a tensor that no rule maps (unexpected), that two rules map, that maps to a path the
+model does not have, that fills a path twice, or whose transformed shape differs from the model's, raises
+`WeightImportError` naming the key; so does a model parameter that no tensor filled (missing).
+
+Tensors are read one at a time with `safetensors.safe_open` and placed straight onto their target
+sharding, so a 7B model never exists twice in host RAM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from alm_jax.errors import WeightImportError
+from alm_jax.training.mesh import state_shardings
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """torch Linear weight `[out, in]` -> our kernel `[in, out]`."""
+    return x.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Maps HF keys matching `pattern` (full match) to the NNX path `target` (dot-separated; `{i}` is
+    regex group i), applying `transform` to the tensor."""
+    pattern: str
+    target: str
+    transform: Transform = identity
+
+    def match(self, key: str) -> tuple[str, ...] | None:
+        m = re.fullmatch(self.pattern, key)
+        return None if m is None else m.groups()
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of an HF directory: `model.safetensors`, or those of a sharded index."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightImportError(f"{index}: not a valid safetensors index ({e})") from e
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise WeightImportError(
+            f"{model_dir} holds only pickle weights (*.bin/*.pt), which alm_jax never loads; convert them to "
+            "safetensors first (e.g. transformers `save_pretrained(..., safe_serialization=True)`).")
+    raise WeightImportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]]:
+    """Yields (key, load, shape) for every tensor; `load()` reads just that tensor as numpy."""
+    for f in safetensors_files(model_dir):
+        if not f.exists():
+            raise WeightImportError(f"missing checkpoint shard {f}")
+        with safe_open(str(f), framework="numpy") as sf:
+            for key in sf.keys():
+                shape = tuple(sf.get_slice(key).get_shape())
+                yield key, (lambda sf=sf, key=key: sf.get_tensor(key)), shape
+
+
+def _path_str(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def import_weights(model_factory: Callable[[], nnx.Module], model_dir: str | Path, rules: Sequence[Rule], *,
+                   dtype=jnp.float32, mesh: Mesh | None = None, ignore: Sequence[str] = (),
+                   family: str = "model") -> nnx.Module:
+    """Builds the model abstractly, fills every parameter from `model_dir` through `rules`, returns it.
+
+    `model_factory()` must build the model with parameters in `dtype`. `ignore` lists regexes of HF keys
+    that are known and deliberately not loaded (e.g. a duplicated tied head). With `mesh`, every tensor is
+    placed with the sharding its logical axes map to; otherwise on the default device.
+    """
+    abstract = nnx.eval_shape(model_factory)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh) if mesh is not None else None
+    targets = {_path_str(p): v for p, v in nnx.to_flat_state(abs_state)}
+    target_sharding = ({_path_str(p): v for p, v in nnx.to_flat_state(shardings)} if shardings is not None else {})
+    filled: dict[str, tuple[str, jax.Array]] = {}
+    ignore_re = [re.compile(p) for p in ignore]
+
+    for key, load, shape in iter_tensors(model_dir):
+        hits = [(r, g) for r in rules if (g := r.match(key)) is not None]
+        if not hits:
+            if any(p.fullmatch(key) for p in ignore_re):
+                continue
+            raise WeightImportError(f"{family}: unexpected key {key!r} (shape {shape}) in {model_dir}: no rule maps it; "
+                                    "is this checkpoint of a different architecture or config?")
+        if len(hits) > 1:
+            raise WeightImportError(f"{family}: key {key!r} matches {len(hits)} rules "
+                                    f"({[h[0].pattern for h in hits]}); the key table is ambiguous")
+        rule, groups = hits[0]
+        path = rule.target.format(*groups)
+        if path not in targets:
+            raise WeightImportError(f"{family}: key {key!r} maps to {path!r}, which the model does not have "
+                                    "(config and checkpoint disagree, e.g. number of layers)")
+        if path in filled:
+            raise WeightImportError(f"{family}: key {key!r} fills {path!r}, already filled by {filled[path][0]!r}")
+        var = targets[path]
+        want = tuple(var.get_value().shape)
+        host = rule.transform(load())
+        if tuple(host.shape) != want:
+            raise WeightImportError(f"{family}: key {key!r} has shape {shape} -> {tuple(host.shape)} after transform, "
+                                    f"but the model expects {want} at {path!r}")
+        host = np.asarray(host, dtype=var.get_value().dtype)
+        if path in target_sharding:
+            arr = jax.device_put(host, target_sharding[path].get_value())
+        else:
+            arr = jnp.asarray(host)
+        filled[path] = (key, arr)
+        del host
+
+    missing = sorted(set(targets) - set(filled))
+    if missing:
+        raise WeightImportError(f"{family}: {len(missing)} model parameter(s) not found in {model_dir}: "
+                                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; the checkpoint is incomplete or "
+                                "of a different config")
+    flat = [(tuple(int(s) if s.isdigit() else s for s in p.split(".")), targets[p].replace(filled[p][1]))
+            for p in targets]
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of an HF directory as a dict, with a clear error when absent or malformed."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise WeightImportError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightImportError(f"{path}: invalid JSON ({e})") from e
