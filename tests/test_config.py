@@ -1,0 +1,45 @@
+"""Typed config: YAML + dotted overrides, strict errors naming the key path."""
+
+import pytest
+
+from alm_jax.config import TrainConfig, load_config, to_dict, from_dict
+from alm_jax.errors import ConfigError
+
+
+def test_defaults_round_trip():
+    cfg = load_config(None)
+    assert isinstance(cfg, TrainConfig)
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\nmesh:\n  fsdp: 2\nmodel:\n  encoders:\n    - {taps: [7, 15]}\n")
+    cfg = load_config(p, ["optim.lr=3e-4", "mesh.tensor=2", "model.encoders.0.pad_to_seconds=null"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert (cfg.mesh.fsdp, cfg.mesh.tensor) == (2, 2)
+    assert cfg.model.encoders[0].taps == (7, 15)
+    assert cfg.model.encoders[0].pad_to_seconds is None
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("optim.lr=abc", "optim.lr"),
+    ("model.dtype=float16", "model.dtype"),
+    ("mesh.fsdp=1.5", "mesh.fsdp"),
+    ("model.connector.kind=qformer", "choose one of"),
+    ("nosection.x=1", "nosection"),
+    ("steps", "key.path=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
