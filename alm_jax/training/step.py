@@ -1,0 +1,123 @@
+"""The pure training step: token-mean cross-entropy, gradients of the trainable subset only, gradient
+accumulation by `lax.scan` over microbatches, AdamW with warmup + cosine and global-norm clipping, and a
+non-finite guard that skips the update instead of corrupting the parameters.
+
+The model is split once into `(graphdef, trainable, frozen)` with an nnx filter; only `trainable` gets
+gradients and optimizer state, so frozen weights cost no optimizer memory and no weight-gradient FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from alm_jax.config import OptimConfig
+from alm_jax.errors import ConfigError
+
+Batch = dict[str, jax.Array]
+# loss_fn(model, batch) -> (sum of per-token losses, number of loss tokens, aux metrics dict)
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict]]
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies where `mask` is 1, and the token count, in float32.
+
+    logits `[batch, time, vocab]`, targets `[batch, time]` int (the next token of each position),
+    mask `[batch, time]` (1 on assistant tokens and EOS).
+    """
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+
+    Step k (0-based) uses the rate of k + 1, so the first update already moves the parameters
+    (lr / warmup_steps) instead of being a wasted zero-rate step."""
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.total_steps <= warmup:
+        base = optax.linear_schedule(0.0, cfg.lr, warmup)
+    else:
+        base = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.total_steps, end_value=0.0)
+    return lambda count: base(count + 1)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (betas, decoupled weight decay) on the warmup+cosine schedule."""
+    if cfg.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.lr}")
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def split_microbatches(batch: Batch, n: int) -> Batch:
+    """`[B, ...]` -> `[n, B//n, ...]` with strided microbatches (row i goes to microbatch i % n), so each
+    microbatch keeps an even share of every data shard."""
+    def one(x):
+        if x.shape[0] % n:
+            raise ConfigError(f"batch size {x.shape[0]} is not divisible by optim.grad_accum={n}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *, grad_accum: int = 1,
+                     schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
+    """Returns `step(trainable, opt_state, frozen, batch, step_index) -> (trainable, opt_state, metrics)`.
+
+    Gradients are summed over microbatches and divided by the total loss-token count, so accumulation
+    over n microbatches equals one big batch exactly (up to float summation order). A non-finite loss or
+    gradient norm skips the update (parameters and optimizer state unchanged) and reports `skipped=1`.
+    """
+
+    def grads_of(trainable, frozen, mb):
+        def f(tp):
+            model = nnx.merge(graphdef, tp, frozen)
+            loss_sum, n_tok, aux = loss_fn(model, mb)
+            return loss_sum, (n_tok, aux)
+        (loss_sum, (n_tok, aux)), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return loss_sum, n_tok, g, aux
+
+    def step(trainable, opt_state, frozen, batch, step_index):
+        if grad_accum == 1:
+            loss_sum, n_tok, g, aux = grads_of(trainable, frozen, batch)
+        else:
+            mbs = split_microbatches(batch, grad_accum)
+            zero = jax.tree.map(jnp.zeros_like, trainable)
+
+            def body(carry, mb):
+                ls, nt, gs = carry
+                l, n, g, _ = grads_of(trainable, frozen, mb)
+                return (ls + l, nt + n, jax.tree.map(jnp.add, gs, g)), None
+
+            (loss_sum, n_tok, g), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zero), mbs)
+            aux = {}
+        denom = jnp.maximum(n_tok, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        loss = loss_sum / denom
+        gnorm = optax.tree.norm(g)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(g, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n_tok, "skipped": 1 - ok.astype(jnp.int32), **aux}
+        if schedule is not None:
+            metrics["lr"] = schedule(step_index)
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def build_eval_step(graphdef, loss_fn: LossFn) -> Callable:
+    """`eval_step(trainable, frozen, batch) -> {'loss_sum', 'tokens'}`, jitted."""
+    def ev(trainable, frozen, batch):
+        loss_sum, n_tok, _ = loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+        return {"loss_sum": loss_sum, "tokens": n_tok}
+    return jax.jit(ev)
