@@ -1,0 +1,251 @@
+"""The Grain input pipeline: corpus shards -> static-shape training batches.
+
+    ArrayRecord corpus (raw record bytes)
+      -> nested data-size subset (a fixed seeded permutation's prefix: fraction 0.1 is inside 0.2)
+      -> global seeded shuffle -> repeat(epochs)
+      -> shard per process ([process_index::process_count])
+      -> build each sample (decode audio: resample to 16 kHz mono, pad/crop per encoder; tokenize the
+         messages with the LLM's chat template; placeholder spans of the connector's exact token counts;
+         loss mask on assistant tokens + EOS) -- a bad sample becomes a marker, not an exception
+      -> [optional worker processes]
+      -> skip-and-count bad markers, batch with static shapes
+      -> iterator with `get_state()/set_state()` (exact resume)
+
+A batch (numpy, leading axis = per-process batch B, C = max clips per sample, S = audio samples):
+    input_ids `[B, T]` int32     targets `[B, T]` int32 (next token)     loss_mask `[B, T]` float32
+    attention_mask `[B, T]` int32 (1 = real token)
+    audio_slot `[B, T]` int32: -1 for text, else (b * C + clip) * max_audio_tokens + token index
+    audio `[B * C, S]` float32 waveforms (log-mel runs on device), audio_samples `[B * C]` int32 (valid
+    samples, 0 = empty slot); with `host_features=True`, `audio_features [B * C, n_mels, frames]` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from alm_jax.data.bad_data import BadDataCounter, error_kind
+from alm_jax.data.records import Record
+from alm_jax.data.templates import ChatTokenizer
+from alm_jax.errors import AudioError, ConfigError, DataError
+
+BAD = "__bad__"
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioSpec:
+    """How clips are prepared for the encoders, and how many LLM tokens a clip becomes.
+
+    `pad_to_seconds`: every clip is padded/cropped to exactly this length (DeSTA: 30 s). `None`: clips keep
+    their length (ALARM trim) inside a static buffer of `max_seconds`. `tokens_for_samples(n)` gives the
+    connector's exact token count for a clip of `n` valid samples (a picklable callable)."""
+    tokens_for_samples: Callable[[int], int]
+    max_audio_tokens: int
+    sample_rate: int = 16000
+    pad_to_seconds: float | None = 30.0
+    max_seconds: float = 30.0
+
+    @property
+    def buffer_samples(self) -> int:
+        return int(round((self.pad_to_seconds or self.max_seconds) * self.sample_rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int                 # per process
+    seq_len: int                    # static text length T (samples longer than T + 1 tokens are skipped)
+    max_clips: int = 1              # C: audio slots per sample
+    seed: int = 0
+    shuffle: bool = True
+    epochs: int | None = None       # None = repeat forever
+    fraction: float = 1.0           # nested data-size subset
+    subset_seed: int = 1234         # the permutation that defines the nested subsets (keep fixed across a study)
+    num_workers: int = 0
+    bad_fraction_limit: float = 0.01
+    bad_min_seen: int = 100
+    process_index: int = 0
+    process_count: int = 1
+
+
+class SampleBuilder:
+    """Raw record bytes -> one sample dict of numpy arrays (text part + audio part), or a bad marker."""
+
+    def __init__(self, tokenizer: ChatTokenizer, audio: AudioSpec, seq_len: int, max_clips: int):
+        self.tok, self.audio, self.seq_len, self.max_clips = tokenizer, audio, seq_len, max_clips
+
+    def __call__(self, raw: bytes) -> dict[str, Any]:
+        try:
+            return self.build(Record.from_bytes(raw))
+        except (AudioError, DataError) as e:
+            return {BAD: error_kind(e, "bad_record"), "detail": str(e)[:300]}
+
+    def build(self, record: Record) -> dict[str, Any]:
+        if len(record.clips) > self.max_clips:
+            raise _kind("too_many_clips", f"record has {len(record.clips)} clips; max_clips={self.max_clips}")
+        spec = self.audio
+        waves = np.zeros((self.max_clips, spec.buffer_samples), np.float32)
+        n_valid = np.zeros((self.max_clips,), np.int32)
+        spans = []
+        for c, clip in enumerate(record.clips):
+            wave = clip.decode(target_sr=spec.sample_rate, mono=True)
+            if wave.size == 0:
+                raise _kind("empty", "clip decodes to zero samples")
+            if not np.all(np.isfinite(wave)):
+                raise _kind("nonfinite", "clip holds NaN/inf samples")
+            if spec.pad_to_seconds is None and wave.size > spec.buffer_samples:
+                raise _kind("too_long", f"clip of {wave.size / spec.sample_rate:.1f} s exceeds max_seconds="
+                                        f"{spec.max_seconds}")
+            n = min(wave.size, spec.buffer_samples)
+            waves[c, :n] = wave[:n]
+            n_valid[c] = n
+            tokens = int(spec.tokens_for_samples(n))
+            if tokens > spec.max_audio_tokens:
+                raise _kind("too_long", f"clip needs {tokens} audio tokens > max_audio_tokens={spec.max_audio_tokens}")
+            spans.append(tokens)
+        s = self.tok.encode(record.messages, spans)
+        if len(s) > self.seq_len + 1:
+            raise _kind("too_long", f"sample has {len(s)} tokens > seq_len + 1 = {self.seq_len + 1}")
+        if s.loss_mask[1:].sum() == 0:
+            raise _kind("no_target", "sample has no assistant tokens to learn")
+        T = self.seq_len
+        n = len(s) - 1
+        pad = lambda x, v: np.concatenate([x, np.full((T - len(x),), v, x.dtype)])
+        return {
+            "input_ids": pad(s.ids[:-1], self.tok.pad_id),
+            "targets": pad(s.ids[1:], self.tok.pad_id),
+            "loss_mask": pad(s.loss_mask[1:], 0.0),
+            "attention_mask": pad(np.ones((n,), np.int32), 0),
+            "audio_clip": pad(s.audio_clip[:-1], -1),
+            "audio_pos": pad(s.audio_pos[:-1], -1),
+            "audio": waves,
+            "audio_samples": n_valid,
+        }
+
+
+def _kind(kind: str, msg: str) -> DataError:
+    e = DataError(msg)
+    e.kind = kind
+    return e
+
+
+def collate(samples: Sequence[dict[str, Any]], max_audio_tokens: int) -> dict[str, np.ndarray]:
+    """Stacks samples into a batch and computes the flat `audio_slot` index (see module docstring)."""
+    B = len(samples)
+    out = {k: np.stack([s[k] for s in samples]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
+    C = samples[0]["audio"].shape[0]
+    clip = np.stack([s["audio_clip"] for s in samples])
+    pos = np.stack([s["audio_pos"] for s in samples])
+    flat_clip = np.arange(B, dtype=np.int32)[:, None] * C + clip
+    out["audio_slot"] = np.where(clip >= 0, flat_clip * max_audio_tokens + pos, -1).astype(np.int32)
+    out["audio"] = np.concatenate([s["audio"] for s in samples], 0)
+    out["audio_samples"] = np.concatenate([s["audio_samples"] for s in samples], 0)
+    return out
+
+
+class _SkipBadAndBatch(grain.IterDataset):
+    """Drops bad markers (counting them by kind; failing past the limit) and batches the rest."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, collate_fn, limit: float, min_seen: int):
+        super().__init__(parent)
+        self.batch_size, self.collate_fn, self.limit, self.min_seen = batch_size, collate_fn, limit, min_seen
+
+    def __iter__(self):
+        return _SkipBadAndBatchIterator(self._parent.__iter__(), self)
+
+
+class _SkipBadAndBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, cfg: _SkipBadAndBatch):
+        super().__init__(parent)
+        self.cfg = cfg
+        self.bad = BadDataCounter()
+
+    def __next__(self):
+        items = []
+        while len(items) < self.cfg.batch_size:
+            x = next(self._parent)
+            if BAD in x:
+                self.bad.skip(x[BAD], x.get("detail", ""))
+                self.bad.check(self.cfg.limit, self.cfg.min_seen, config_key="data.bad_fraction_limit")
+            else:
+                self.bad.ok()
+                items.append(x)
+        return self.cfg.collate_fn(items)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "bad": self.bad.to_dict()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.bad = BadDataCounter.from_dict(state["bad"])
+
+
+def nested_subset_indices(n: int, fraction: float, subset_seed: int) -> np.ndarray:
+    """Indices of the `fraction` subset of `n` records: a prefix of one fixed seeded permutation, so the
+    subset at a smaller fraction is always contained in the subset at a larger one."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"data.fraction must be in (0, 1], got {fraction}")
+    k = max(1, int(math.floor(n * fraction)))
+    return np.sort(np.random.default_rng(subset_seed).permutation(n)[:k])
+
+
+class _IndexedSource:
+    """A random-access view of `source` at `indices` (nested subsets)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+
+def make_dataset(sources: Sequence[Any], builder: SampleBuilder, cfg: PipelineConfig,
+                 weights: Sequence[float] | None = None) -> grain.IterDataset:
+    """The whole pipeline as a Grain IterDataset of batches. `sources`: random-access sources of raw
+    record bytes (e.g. `Corpus(dir).source`); several are mixed with `weights`."""
+    if cfg.batch_size <= 0 or cfg.seq_len <= 0:
+        raise ConfigError(f"batch_size and seq_len must be positive, got {cfg.batch_size}, {cfg.seq_len}")
+    datasets = []
+    for i, src in enumerate(sources):
+        if cfg.fraction < 1.0:
+            src = _IndexedSource(src, nested_subset_indices(len(src), cfg.fraction, cfg.subset_seed + i))
+        ds = grain.MapDataset.source(src)
+        if cfg.shuffle:
+            ds = ds.seed(cfg.seed + 7919 * i).shuffle()
+        datasets.append(ds)
+    if len(datasets) > 1:
+        if weights is None or len(weights) != len(datasets) or min(weights) <= 0:
+            raise ConfigError(f"data.weights must give one positive weight per corpus ({len(datasets)}), got {weights}")
+        ds = grain.MapDataset.mix(datasets, weights=list(weights))
+    else:
+        ds = datasets[0]
+    ds = ds.repeat(cfg.epochs)
+    if cfg.process_count > 1:
+        ds = ds[cfg.process_index::cfg.process_count]
+    ds = ds.map(builder)
+    it = ds.to_iter_dataset()
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    max_tokens = builder.audio.max_audio_tokens
+    return _SkipBadAndBatch(it, cfg.batch_size, _Collate(max_tokens), cfg.bad_fraction_limit, cfg.bad_min_seen)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collate:
+    max_audio_tokens: int
+
+    def __call__(self, samples):
+        return collate(samples, self.max_audio_tokens)
+
+
+def ensure_absl_flags_parsed() -> None:
+    """Grain worker processes read absl flags; mark them parsed (ENVIRONMENT.md) before starting workers."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

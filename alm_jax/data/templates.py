@@ -1,0 +1,103 @@
+"""Chat messages -> token ids with audio placeholder spans and a loss mask.
+
+The LLM's own chat template renders the conversation; each `<audio>` placeholder in a message becomes a
+span of exactly `span_lengths[i]` placeholder ids (clip i's token count from the connector), and the loss
+mask is 1 exactly on assistant content tokens and the end-of-turn (EOS) token that closes them.
+
+    ids       <|im_start|>user\n  [A A A A]  what is this?<|im_end|>\n<|im_start|>assistant\n  a dog barks <|im_end|> \n
+    loss      0 ...............................................................................  1  1   1    1     0
+    audio     -1 ...             0 1 2 3     -1 ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from alm_jax.data.records import AUDIO_PLACEHOLDER
+from alm_jax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSample:
+    """ids `[T]`, loss_mask `[T]` (1 on assistant tokens + EOS), and for every position the audio token it
+    holds: `audio_clip[t]` (clip index or -1) and `audio_pos[t]` (token index inside that clip's span)."""
+    ids: np.ndarray
+    loss_mask: np.ndarray
+    audio_clip: np.ndarray
+    audio_pos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ChatTokenizer:
+    """Wraps an HF tokenizer with a chat template. `placeholder_id` fills audio spans (any valid id: the
+    model overwrites those positions with audio embeddings)."""
+
+    def __init__(self, tokenizer, *, placeholder_id: int | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template; use an instruct model's tokenizer directory")
+        self.tok = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise DataError("the tokenizer defines no eos_token; the loss mask needs the end-of-turn token")
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.placeholder_id = placeholder_id if placeholder_id is not None else self.pad_id
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _encode_text(self, text: str, clip_start: int, span_lengths: Sequence[int], out: list) -> int:
+        """Appends (ids, loss=0, clip, pos) for `text`, expanding placeholders; returns clips consumed."""
+        pieces = text.split(AUDIO_PLACEHOLDER)
+        clip = clip_start
+        for i, piece in enumerate(pieces):
+            if piece:
+                for t in self.tok.encode(piece, add_special_tokens=False):
+                    out.append((t, 0, -1, -1))
+            if i < len(pieces) - 1:
+                if clip >= len(span_lengths):
+                    raise DataError(f"the messages hold more {AUDIO_PLACEHOLDER} placeholders than the "
+                                    f"{len(span_lengths)} audio clip(s) of the sample")
+                for p in range(span_lengths[clip]):
+                    out.append((self.placeholder_id, 0, clip, p))
+                clip += 1
+        return clip - clip_start
+
+    def encode(self, messages: Sequence[dict], span_lengths: Sequence[int]) -> TokenizedSample:
+        """Tokenizes a conversation; loss on every assistant turn's content + its EOS."""
+        out: list[tuple[int, int, int, int]] = []
+        rendered_upto = ""
+        clips = 0
+        for k, msg in enumerate(messages):
+            if msg.get("role") not in ("system", "user", "assistant"):
+                raise DataError(f"message {k} has role {msg.get('role')!r}; expected system, user or assistant")
+            if msg["role"] != "assistant":
+                continue
+            if AUDIO_PLACEHOLDER in msg["content"]:
+                raise DataError(f"assistant message {k} holds {AUDIO_PLACEHOLDER}; audio goes in user turns")
+            prompt = self._render(messages[:k], generation_prompt=True)
+            full = self._render(messages[:k + 1], generation_prompt=False)
+            if not prompt.startswith(rendered_upto) or not full.startswith(prompt):
+                raise DataError("the chat template is not prefix-stable; cannot place the loss mask")
+            clips += self._encode_text(prompt[len(rendered_upto):], clips, span_lengths, out)
+            answer = self.tok.encode(full[len(prompt):], add_special_tokens=False)
+            if self.eos_id not in answer:
+                raise DataError(f"assistant turn {k} does not end with the EOS token {self.tok.eos_token!r}")
+            end = answer.index(self.eos_id)
+            out.extend((t, 1 if i <= end else 0, -1, -1) for i, t in enumerate(answer))
+            rendered_upto = full
+        tail = self._render(messages, generation_prompt=False)
+        if messages and messages[-1].get("role") != "assistant":
+            tail = self._render(messages, generation_prompt=True)
+        clips += self._encode_text(tail[len(rendered_upto):], clips, span_lengths, out)
+        if clips != len(span_lengths):
+            raise DataError(f"the messages hold {clips} {AUDIO_PLACEHOLDER} placeholder(s) but the sample has "
+                            f"{len(span_lengths)} audio clip(s)")
+        arr = np.asarray(out, dtype=np.int64).reshape(-1, 4)
+        return TokenizedSample(ids=arr[:, 0].astype(np.int32), loss_mask=arr[:, 1].astype(np.float32),
+                               audio_clip=arr[:, 2].astype(np.int32), audio_pos=arr[:, 3].astype(np.int32))
