@@ -1,0 +1,451 @@
+"""Training checkpoints: Orbax `CheckpointManager` with async save, keep policies, data-iterator state,
+restore onto any mesh, `--resume` resolution and a SIGTERM/SIGINT guard.
+
+One checkpoint step directory holds these items:
+
+| item        | what                                               | Orbax args                              |
+|-------------|----------------------------------------------------|-----------------------------------------|
+| `state`     | pytree of jax.Arrays (trainable params, optimizer  | `StandardSave` / `StandardRestore`      |
+|             | state, step, rng: whatever the trainer passes)     |                                         |
+| `data`      | a Grain `DatasetIterator`'s state, one file per    | `grain.checkpoint.CheckpointSave/Restore` |
+|             | process (`process_{i}-of-{n}.json`)                |                                         |
+| `data_json` | alternative: a JSON-able dict (process 0 writes it)| `JsonSave` / `JsonRestore`              |
+| `config`    | the run config as a dict                           | `JsonSave` / `JsonRestore`              |
+
+Typical loop:
+
+    ckpt = Checkpointer(cfg.checkpoint.dir, every=500, keep_last=3, keep_every=5000, config=to_dict(cfg))
+    point = resolve_resume("auto", ckpt.directory)
+    if point:
+        state, _ = ckpt.restore(point.step, abstract_state, data_iterator=it)
+    with PreemptionGuard() as guard:
+        for step in range(start, total + 1):
+            state, loss = train_step(state, next(it))
+            stop = guard.should_stop(step)
+            ckpt.save(step, state, data_state=it, force=stop)
+            if stop:
+                break
+    ckpt.close()                                            # waits for the last async save
+
+Restoring onto a different mesh: pass `abstract_state` whose `jax.ShapeDtypeStruct` leaves carry the NEW
+shardings (`abstract_with_shardings`); Orbax reads each shard straight into its new place.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from alm_jax.errors import CheckpointError
+
+try:  # grain registers its Orbax args only when orbax is importable (it is: a hard dependency here)
+    import grain
+    from grain.checkpoint import CheckpointRestore as _GrainRestore, CheckpointSave as _GrainSave
+except ImportError:  # pragma: no cover
+    grain = None
+    _GrainSave = _GrainRestore = None
+
+STATE, DATA, DATA_JSON, CONFIG = "state", "data", "data_json", "config"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def abstract_with_shardings(tree, shardings=None):
+    """`jax.ShapeDtypeStruct` for every array leaf of `tree`, carrying `shardings` (a matching pytree of
+    `jax.sharding.Sharding`) or, when None, each leaf's own sharding. Non-array leaves pass through."""
+    def one(x, s=None):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else getattr(x, "sharding", None))
+    if shardings is None:
+        return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaf_table(tree) -> dict[str, Any]:
+    """'a.b.0.c' -> leaf, for every non-None leaf (the dotted names Orbax uses in its metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {".".join(_key_str(k) for k in path): leaf for path, leaf in leaves if leaf is not None}
+
+
+def _is_prng_key(dtype) -> bool:
+    try:
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def _describe_mismatch(stored, target) -> str | None:
+    """What differs between the stored array metadata tree and the abstract target, or None."""
+    have, want = _leaf_table(stored), _leaf_table(target)
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = []
+    for name in sorted(set(have) & set(want)):
+        s, t = have[name], want[name]
+        if _is_prng_key(getattr(t, "dtype", None)):
+            continue  # stored as raw key data: a different shape by design
+        s_shape, t_shape = getattr(s, "shape", None), getattr(t, "shape", None)
+        if s_shape is not None and t_shape is not None and tuple(s_shape) != tuple(t_shape):
+            shapes.append(f"{name}: checkpoint {tuple(s_shape)} vs model {tuple(t_shape)}")
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(xs):
+        return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+    parts = []
+    if missing:
+        parts.append(f"missing in the checkpoint: {few(missing)}")
+    if unexpected:
+        parts.append(f"in the checkpoint but not in the model: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape differs: {few(shapes)}")
+    return "; ".join(parts)
+
+
+def _detach_cpu_buffers(tree):
+    """Copies the CPU-resident jax.Arrays of `tree`. On CPU, Orbax's "device-to-host" transfer is a
+    zero-copy view, so an async save keeps the live buffers busy and the next step that donates them
+    blocks until the whole write is done (measured: the full write time). A copy (~memcpy speed)
+    decouples them. Accelerator arrays are left alone: Orbax copies those to host before returning."""
+    def one(x):
+        if isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.sharding.device_set):
+            return jax.device_put(x, x.sharding, may_alias=False)
+        return x
+    return jax.tree.map(one, tree)
+
+
+def _jsonable(d: Mapping) -> dict:
+    try:
+        return json.loads(json.dumps(d))  # a deep copy that also proves it is JSON-able
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"data_state must be a JSON-able dict (or a Grain DatasetIterator): {e}") from e
+
+
+# ------------------------------------------------------------------------------------------- manager
+
+
+def _item_handlers() -> dict:
+    """Every item's handler, so that a fresh manager can read metadata and restore any subset."""
+    handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_JSON: ocp.JsonCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler()}
+    if grain is not None:
+        handlers[DATA] = grain.checkpoint.CheckpointHandler()
+    return handlers
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under `directory` (one sub-directory per step).
+
+    every: save when `step % every == 0` (0 = only forced saves). keep_last: keep the newest N (0 = all).
+    keep_every: also keep every step that is a multiple of M (0 = none). async_save: return from `save`
+    once the arrays are copied off the device; the write runs in the background (`wait()` finishes it).
+    config: the run config dict, stored with every step as the `config` item.
+    cpu_copy: for async saves of CPU arrays, save a copy so the next (donating) step does not wait for
+    the write (see `_detach_cpu_buffers`); no effect on accelerators.
+    """
+
+    def __init__(self, directory: str | Path, *, every: int = 0, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = True, config: Mapping | None = None, read_only: bool = False,
+                 cpu_copy: bool = True):
+        if every < 0 or keep_last < 0 or keep_every < 0:
+            raise CheckpointError(f"checkpoint every/keep_last/keep_every must be >= 0, "
+                                  f"got {every}/{keep_last}/{keep_every}")
+        self.directory = Path(directory).absolute()
+        self.every = every
+        self.async_save = async_save
+        self.cpu_copy = cpu_copy
+        self._config = _jsonable(config) if config is not None else None
+        policies = [ocp.checkpoint_managers.LatestN(keep_last if keep_last > 0 else None)]
+        if keep_every > 0 and keep_last > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+        policy = policies[0] if len(policies) == 1 else ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=policy,   # when to save is decided in `save` (every/force)
+            create=not read_only, read_only=read_only)
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types; report them as one
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
+
+    @classmethod
+    def from_config(cls, cfg, run_config: Mapping | None = None, **kw) -> "Checkpointer":
+        """From a `CheckpointConfig` (dir, every, keep_last, keep_every, async_save)."""
+        return cls(cfg.dir, every=cfg.every, keep_last=cfg.keep_last, keep_every=cfg.keep_every,
+                   async_save=cfg.async_save, config=run_config, **kw)
+
+    # ---- queries
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None (an async save of it may still be writing: see `wait`)."""
+        return self._mngr.latest_step()
+
+    def saving_in_progress(self) -> bool:
+        """True while an async save is still being written."""
+        return self._mngr.is_saving_in_progress()
+
+    def should_save(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step not in self._mngr.all_steps()
+
+    # ---- save
+
+    def save(self, step: int, state, data_state=None, force: bool = False) -> bool:
+        """Saves `state` (pytree of jax.Arrays) and `data_state` (a Grain `DatasetIterator`, a JSON-able
+        dict or None) at `step` if `step % every == 0` or `force`. Returns whether a save started.
+
+        The iterator's state is read now (synchronously), so advancing it afterwards is safe; the
+        arrays are copied off the device before an async save returns, so donating them is safe too."""
+        step = int(step)
+        if step in self._mngr.all_steps():
+            return False  # e.g. a preemption save at a step that was just saved
+        if not force and not (self.every > 0 and step % self.every == 0):
+            return False
+        if self.async_save and self.cpu_copy:
+            state = _detach_cpu_buffers(state)
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_state is not None:
+            if grain is not None and isinstance(data_state, grain.DatasetIterator):
+                items[DATA] = _GrainSave(data_state)
+            elif isinstance(data_state, Mapping):
+                items[DATA_JSON] = ocp.args.JsonSave(_jsonable(data_state))
+            else:
+                raise CheckpointError(f"data_state must be a grain DatasetIterator or a JSON-able dict, "
+                                      f"got {type(data_state).__name__}")
+        if self._config is not None:
+            items[CONFIG] = ocp.args.JsonSave(self._config)
+        try:
+            return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {e}") from e
+
+    def wait(self) -> None:
+        """Blocks until every pending async save is written (and re-raises its error)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"an async checkpoint save to {self.directory} failed: {e}") from e
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.wait()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- restore
+
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no checkpoint found in {self.directory}; start without --resume "
+                                      "or point it at a directory that holds step sub-directories")
+            return steps[-1]
+        if int(step) not in steps:
+            raise CheckpointError(f"checkpoint step {step} does not exist in {self.directory}; "
+                                  f"available steps: {steps or 'none'}")
+        return int(step)
+
+    def restore(self, step: int | None, abstract_state, data_iterator=None):
+        """Restores `(state, data_state)` from `step` (None = latest).
+
+        abstract_state: pytree of `jax.ShapeDtypeStruct` with the target shardings (any mesh).
+        data_iterator: a Grain DatasetIterator to restore in place (its state is also returned as
+        `data_state`). Without it, `data_state` is the saved dict (JSON item or this process's Grain
+        state), or None when the step has no data state.
+        Raises CheckpointError when the step is missing, corrupt or does not match `abstract_state`."""
+        step = self._check_step(step)
+        step_dir = self._step_dir(step)
+        if not (step_dir / STATE).is_dir():
+            raise CheckpointError(f"checkpoint {step_dir} has no '{STATE}' item; it is incomplete or not "
+                                  "written by alm_jax")
+        try:
+            stored = self._mngr.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {step_dir} is unreadable (corrupt or partial?): {e}") from e
+        stored_tree = getattr(stored, "tree", stored)
+        if stored_tree is None:
+            raise CheckpointError(f"checkpoint {step_dir}/{STATE} has no readable metadata (corrupt?)")
+        diff = _describe_mismatch(stored_tree, abstract_state)
+        if diff:
+            raise CheckpointError(f"checkpoint {step_dir} does not match the model/optimizer state: {diff}. "
+                                  "Resume with the same model, LoRA and optimizer config, or start fresh.")
+
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        has_grain, has_json = (step_dir / DATA).is_dir(), (step_dir / DATA_JSON).is_dir()
+        if data_iterator is not None:
+            if has_grain:
+                items[DATA] = _GrainRestore(data_iterator)
+            elif has_json:
+                items[DATA_JSON] = ocp.args.JsonRestore()
+            else:
+                raise CheckpointError(f"checkpoint {step_dir} holds no data-iterator state, but a data "
+                                      "iterator was given to restore")
+        elif has_json:
+            items[DATA_JSON] = ocp.args.JsonRestore()
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"restoring checkpoint {step_dir} failed (corrupt, partial or "
+                                  f"incompatible): {type(e).__name__}: {e}") from e
+        data_state = None
+        if DATA_JSON in items:
+            data_state = dict(out[DATA_JSON])
+            if data_iterator is not None:
+                data_iterator.set_state(copy.deepcopy(data_state))
+        elif data_iterator is not None:
+            data_state = data_iterator.get_state()
+        elif has_grain:
+            data_state = self._read_grain_state(step_dir)
+        return out[STATE], data_state
+
+    @staticmethod
+    def _read_grain_state(step_dir: Path) -> dict | None:
+        f = step_dir / DATA / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not f.exists():
+            raise CheckpointError(f"{step_dir / DATA} has no iterator state for process "
+                                  f"{jax.process_index()} of {jax.process_count()}; the Grain state is per "
+                                  "process, so resume with the same number of processes")
+        return json.loads(f.read_text())
+
+    def restore_config(self, step: int | None = None) -> dict | None:
+        """The run config stored with `step` (None = latest), or None if none was stored."""
+        step = self._check_step(step)
+        if not (self._step_dir(step) / CONFIG).is_dir():
+            return None
+        try:
+            return dict(self._mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"reading the config of checkpoint {self._step_dir(step)} failed: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    directory: Path   # the checkpoint root (holds step sub-directories)
+    step: int
+
+
+def _steps_in(root: Path) -> list[int]:
+    """Finished step directories (Orbax writes commits atomically: unfinished ones carry a tmp suffix)."""
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)
+                  and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def resolve_resume(mode: str | int | None, directory: str | Path) -> ResumePoint | None:
+    """What `--resume` means. `directory` is the run's checkpoint root.
+
+    - "none" / None: start fresh (None).
+    - "auto": the latest finished step in `directory`, or None when there is none.
+    - an int (or digits): that step in `directory`; CheckpointError if it does not exist.
+    - a path: a step directory (`.../checkpoints/1200`) or a checkpoint root (its latest step).
+    """
+    root = Path(directory)
+    if mode is None or (isinstance(mode, str) and mode.lower() == "none"):
+        return None
+    if isinstance(mode, str) and mode.lower() == "auto":
+        steps = _steps_in(root)
+        return ResumePoint(root.absolute(), steps[-1]) if steps else None
+    if isinstance(mode, bool):
+        raise CheckpointError(f"--resume {mode!r}: use auto, none, a step number or a checkpoint path")
+    if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
+        step, steps = int(mode), _steps_in(root)
+        if step not in steps:
+            raise CheckpointError(f"--resume {step}: no finished checkpoint at step {step} in {root}; "
+                                  f"available: {steps or 'none'}")
+        return ResumePoint(root.absolute(), step)
+    path = Path(mode)
+    if not path.exists():
+        raise CheckpointError(f"--resume {mode!r}: path does not exist (use auto, none, a step number or a "
+                              "checkpoint path)")
+    if re.fullmatch(r"\d+", path.name) and (path / "_CHECKPOINT_METADATA").exists():
+        return ResumePoint(path.parent.absolute(), int(path.name))
+    steps = _steps_in(path)
+    if not steps:
+        raise CheckpointError(f"--resume {mode!r}: no finished checkpoint step directories in {path}")
+    return ResumePoint(path.absolute(), steps[-1])
+
+
+# ------------------------------------------------------------------------------------------- preemption
+
+
+class PreemptionGuard:
+    """Context manager: SIGTERM/SIGINT set `requested` instead of killing the process, so the loop can
+    save at the current step and exit cleanly. A second signal of the same kind restores the previous
+    handler and re-delivers the signal (Ctrl-C twice still interrupts). Previous handlers come back on exit.
+
+    Multi-process: call `should_stop(step)` at the same steps on every process; it agrees across
+    processes (any process signalled -> all stop at that step) with one tiny host all-gather every
+    `check_every` steps.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1):
+        self.signals = tuple(signals)
+        self.check_every = max(1, int(check_every))
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == self.signum:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be entered in the main thread (Python signal handlers)")
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
+        return False
+
+    def should_stop(self, step: int) -> bool:
+        """True when the loop should save at `step` and exit; identical on every process."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.check_every:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
+        return bool(np.asarray(flags).any())
