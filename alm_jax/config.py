@@ -72,7 +72,9 @@ class DataConfig:
     fraction: float = 1.0         # nested data-size subset for scaling studies
     seed: int = 0
     batch_size: int = 8           # global batch
-    max_text_tokens: int = 256
+    max_text_tokens: int = 256    # static text length T of a row
+    max_clips: int = 1            # audio slots per sample
+    max_audio_seconds: float = 30.0   # buffer length when encoders trim (pad_to_seconds = null)
     num_workers: int = 0
     bad_fraction_limit: float = 0.01
     epochs: int = 0               # 0 = repeat forever (steps decide)
@@ -111,6 +113,7 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0                # 0 = off
     batches: int = 4
+    corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     sync_every_step: Literal["auto", "on", "off"] = "auto"   # auto: on for multi-device CPU (see ENVIRONMENT.md)
+    resume: str = "auto"          # auto | none | a step number | a checkpoint path
     max_bad_steps: int = 5        # consecutive non-finite steps before stopping
 
 
@@ -162,6 +166,8 @@ def _coerce(value: Any, tp, path: str):
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} is not one of {[_type_name(a) for a in args]}")
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {list(args)}")
         return value
