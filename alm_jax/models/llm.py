@@ -227,9 +227,18 @@ def generate_greedy(model: DecoderLM, input_ids: jax.Array, attention_mask: jax.
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "eos_id"))
 def _generate_greedy(graphdef, state, input_ids, mask, *, max_new_tokens: int, eos_id: int | None):
     model = nnx.merge(graphdef, state)
-    b, t = input_ids.shape
+    return greedy_decode(model, model.embed(input_ids), mask, max_new_tokens=max_new_tokens, eos_id=eos_id)
+
+
+def greedy_decode(model: DecoderLM, inputs_embeds: jax.Array, mask: jax.Array, *, max_new_tokens: int,
+                  eos_id: int | None) -> jax.Array:
+    """Traceable greedy decoding from prompt embeddings `[b, t, embed]` (left-padded, mask `[b, t]`):
+    prefill into a KV cache, then a `lax.while_loop` of one-token steps. Returns `[b, max_new_tokens]`
+    int32. Other modalities call this with their spliced embeddings (see models/alm.py)."""
+    b, t = mask.shape
     fill = -1 if eos_id is None else eos_id
-    logits, cache = model(input_ids, attention_mask=mask, cache=model.init_cache(b, t + max_new_tokens))
+    logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=mask,
+                          cache=model.init_cache(b, t + max_new_tokens))
     token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(token)
 
