@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--train-records", type=int, default=64, help="self-generated training records")
+    demo.add_argument("--eval-records", type=int, default=8, help="held-out records")
+    demo.add_argument("--steps", type=int, default=40, help="training steps")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="target length the LLM may write")
     demo.set_defaults(func=_cmd_demo)
     return p
 
