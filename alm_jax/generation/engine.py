@@ -1,0 +1,253 @@
+"""Corpus generation: the backbone LLM writes every record's target from the recipe's text-only prompt.
+
+    stats = generate_corpus("corpora/demo", DemoSource(0, 1000), DestaRecipe(seed=0), "models/smollm2",
+                            n_records=1000, records_per_shard=100)
+
+Sharding, atomic writes, resume and bad-record accounting are `write_corpus`'s: record `i` is
+`recipe.item_for(i, source)` answered by the LLM. `write_corpus` asks for records one at a time, in order,
+one shard after another; to answer in batches, `_ShardRecords` prepares and generates a whole shard when
+its first record is requested, keeps the finished records, and hands them out (one shard in memory at a
+time). A finished shard is never regenerated, and a rerun over a finished corpus loads no model.
+
+Batching (`ResponseGenerator`): prompts are chat-templated and tokenized, sorted by length within the
+shard, cut into batches of `batch_size` rows, each left-padded to the next multiple of `prompt_bucket`
+tokens; a short last batch is filled with copies of its last row. So jit compiles at most
+`ceil(max_prompt_tokens / prompt_bucket)` shapes. Decoding is greedy, so a row's answer does not depend
+on its batch (up to float rounding; the tests compare batched against one-by-one decoding).
+
+Per item: a recipe/audio error (`DataError`/`AudioError`, e.g. an empty seed description) or a prompt
+longer than `max_prompt_tokens` (kind `prompt_too_long`) is re-raised when that record is requested, so
+`write_corpus` counts it as bad. A response is dropped (counted `filtered`) when it has no letter or digit,
+when the recipe's `accepts(text)` (if it has one) rejects it, or when it was cut off at `max_new_tokens`
+and `drop_unfinished` is set. Records carry `metadata.response_tokens` and
+`metadata.finished` (ended with EOS). Determinism: a shard's bytes depend only on its items, the model
+and the settings, not on the process count or on which shards ran before; nothing time-dependent is stored.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from alm_jax.data.bad_data import data_error
+from alm_jax.data.corpus import write_corpus
+from alm_jax.data.records import Record
+from alm_jax.errors import AudioError, ConfigError, DataError
+from alm_jax.models.llm import generate_greedy, load_llm
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """One generated answer: stripped text, tokens generated before EOS, whether EOS ended it."""
+    text: str
+    n_tokens: int
+    finished: bool
+
+
+def is_degenerate(text: str) -> bool:
+    """True for a response that cannot be a training target: empty, or without any letter or digit."""
+    return not any(ch.isalnum() for ch in text)
+
+
+class ResponseGenerator:
+    """Batched greedy chat answers from a local HF LLM directory (config + safetensors + tokenizer).
+
+    The tokenizer (with its chat template) loads now, the model (`load_llm`, parameters in `dtype`) on
+    the first `generate`. `name` is the generator recorded in provenance (default: the directory name).
+    """
+
+    def __init__(self, llm_dir: str | os.PathLike, *, batch_size: int = 16, max_new_tokens: int = 64,
+                 max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
+                 tokenizer_dir: str | os.PathLike | None = None, name: str | None = None):
+        for key, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                           ("max_prompt_tokens", max_prompt_tokens), ("prompt_bucket", prompt_bucket)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"generation: {key} must be a positive int, got {value!r}")
+        from transformers import AutoTokenizer
+
+        self.llm_dir = Path(llm_dir)
+        if not (self.llm_dir / "config.json").is_file():
+            raise ConfigError(f"generation: {self.llm_dir} is not an HF model directory (no config.json); "
+                              "pass the directory of the backbone LLM, e.g. `alm models prepare-demo` output")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or llm_dir)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"generation: the tokenizer in {tokenizer_dir or llm_dir} has no chat template; "
+                              "use an instruct model")
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ConfigError(f"generation: the tokenizer in {tokenizer_dir or llm_dir} defines no eos_token")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.eos_id if pad is None else pad
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.max_prompt_tokens, self.prompt_bucket = max_prompt_tokens, prompt_bucket
+        self.dtype = dtype
+        self.name = name or self.llm_dir.resolve().name
+        self.model = None
+        self.tokens_generated = 0
+        self.seconds_generating = 0.0
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the chat-templated `messages` followed by the assistant header."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def load(self) -> None:
+        """Load the model now (otherwise the first `generate` does); checks the context length fits."""
+        if self.model is not None:
+            return
+        model = load_llm(self.llm_dir, dtype=self.dtype)
+        longest = self.bucket_width(self.max_prompt_tokens) + self.max_new_tokens
+        if longest > model.cfg.max_position_embeddings:
+            raise ConfigError(f"generation: max_prompt_tokens (bucketed) + max_new_tokens = {longest} exceeds "
+                              f"the model's max_position_embeddings {model.cfg.max_position_embeddings}")
+        self.model = model
+
+    def bucket_width(self, length: int) -> int:
+        """Padded prompt width for a longest prompt of `length` tokens: the next multiple of prompt_bucket."""
+        return max(1, math.ceil(length / self.prompt_bucket)) * self.prompt_bucket
+
+    def generate(self, prompts: Sequence[Sequence[int]]) -> list[Response]:
+        """Greedy answers to token-id prompts, in order, `batch_size` rows per call of the model."""
+        if not prompts:
+            return []
+        self.load()
+        too_long = [len(p) for p in prompts if len(p) > self.max_prompt_tokens]
+        if too_long:
+            raise ConfigError(f"generation: prompts of {too_long} tokens exceed max_prompt_tokens "
+                              f"{self.max_prompt_tokens}")
+        order = sorted(range(len(prompts)), key=lambda k: (len(prompts[k]), k))
+        out: list[Response | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            new_tokens = self._generate_batch([prompts[k] for k in rows])
+            for k, tokens in zip(rows, new_tokens):
+                out[k] = self._response(tokens)
+        return out
+
+    def _generate_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
+        """New tokens `[len(batch), max_new_tokens]` of up to batch_size prompts (padded to a full batch)."""
+        width = self.bucket_width(max(len(p) for p in batch))
+        ids = np.full((self.batch_size, width), self.pad_id, np.int32)
+        mask = np.zeros((self.batch_size, width), np.int32)
+        for row in range(self.batch_size):
+            prompt = batch[min(row, len(batch) - 1)]
+            ids[row, width - len(prompt):] = prompt
+            mask[row, width - len(prompt):] = 1
+        t0 = time.perf_counter()
+        tokens = np.asarray(generate_greedy(self.model, ids, mask, self.max_new_tokens, self.eos_id))[:len(batch)]
+        self.seconds_generating += time.perf_counter() - t0
+        self.tokens_generated += int(sum(self._length(t)[0] for t in tokens))
+        return tokens
+
+    def _length(self, tokens: np.ndarray) -> tuple[int, bool]:
+        """(tokens before the first EOS, whether there is one) of one row of new tokens."""
+        hits = np.flatnonzero(tokens == self.eos_id)
+        return (int(hits[0]), True) if hits.size else (len(tokens), False)
+
+    def _response(self, tokens: np.ndarray) -> Response:
+        n, finished = self._length(tokens)
+        text = self.tokenizer.decode(tokens[:n].tolist(), skip_special_tokens=True).strip()
+        return Response(text=text, n_tokens=n, finished=finished)
+
+
+class _ShardRecords:
+    """`record_fn(i)` for `write_corpus` that builds a whole shard's records in batches on first request."""
+
+    def __init__(self, source, recipe, generator: ResponseGenerator, records_per_shard: int, n_records: int,
+                 audio_format: str, drop_unfinished: bool):
+        self.source, self.recipe, self.generator = source, recipe, generator
+        self.records_per_shard, self.n_records = records_per_shard, n_records
+        self.audio_format, self.drop_unfinished = audio_format, drop_unfinished
+        self._accepts = getattr(recipe, "accepts", None)
+        self._cache: dict[int, Record | None | Exception] = {}
+        self.filtered: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, index: int) -> Record | None:
+        if index not in self._cache:
+            self._cache = self._build_shard(index // self.records_per_shard)
+        outcome = self._cache.pop(index)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _build_shard(self, shard: int) -> dict[int, Record | None | Exception]:
+        span = range(shard * self.records_per_shard, min((shard + 1) * self.records_per_shard, self.n_records))
+        outcomes: dict[int, Record | None | Exception] = {}
+        items, prompts = {}, {}
+        for i in span:
+            try:
+                item = self.recipe.item_for(i, self.source)
+                ids = self.generator.prompt_ids(item.generation_messages)
+                if len(ids) > self.generator.max_prompt_tokens:
+                    raise data_error("prompt_too_long", f"generation prompt of item {i} ({item.item_id}) is "
+                                                        f"{len(ids)} tokens, over max_prompt_tokens "
+                                                        f"{self.generator.max_prompt_tokens}; raise it")
+            except (AudioError, DataError) as e:
+                outcomes[i] = e
+                continue
+            items[i], prompts[i] = item, ids
+        t0, tokens0 = time.perf_counter(), self.generator.tokens_generated
+        responses = dict(zip(prompts, self.generator.generate(list(prompts.values()))))
+        seconds, tokens = time.perf_counter() - t0, self.generator.tokens_generated - tokens0
+        for i, response in responses.items():
+            outcomes[i] = self._record(items[i], response)
+        log.info("shard %d: %d responses, %d tokens in %.1f s (%.1f tokens/s); filtered so far: %s", shard,
+                 len(responses), tokens, seconds, tokens / seconds if seconds else 0.0, dict(self.filtered))
+        return outcomes
+
+    def _rejection(self, response: Response) -> str | None:
+        """Why `response` is dropped ('degenerate', 'rejected_by_recipe', 'unfinished'), or None to keep it."""
+        if is_degenerate(response.text):
+            return "degenerate"
+        if self._accepts is not None and not self._accepts(response.text):
+            return "rejected_by_recipe"
+        if self.drop_unfinished and not response.finished:
+            return "unfinished"
+        return None
+
+    def _record(self, item, response: Response) -> Record | None | Exception:
+        reason = self._rejection(response)
+        if reason is not None:
+            self.filtered[reason] += 1
+            return None
+        try:
+            return item.to_record(response.text, self.generator.name, self.audio_format,
+                                  {"response_tokens": response.n_tokens, "finished": response.finished})
+        except (AudioError, DataError) as e:
+            return e
+
+
+def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | os.PathLike | ResponseGenerator, *,
+                    n_records: int, records_per_shard: int, batch_size: int = 16, max_new_tokens: int = 64,
+                    max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
+                    process_index: int = 0, process_count: int = 1, audio_format: str = "flac",
+                    drop_unfinished: bool = False, **write_options: Any) -> list[dict[str, Any]]:
+    """Write this process's shards of a self-generated corpus; returns their `.done` stats (see `write_corpus`).
+
+    source: `source[i] -> (ClipMeta, waveform)` with `len`; recipe: has `item_for(i, source) ->
+    GenerationItem` (e.g. `DestaRecipe`); llm_dir: the backbone LLM's HF directory, or a ready
+    `ResponseGenerator` (then batch_size, max_*_tokens, prompt_bucket and dtype are its own).
+    `write_options` go to `write_corpus` (writer_options, max_bad_fraction, min_seen, verify_existing,
+    finalize).
+    """
+    if isinstance(llm_dir, ResponseGenerator):
+        generator = llm_dir
+    else:
+        generator = ResponseGenerator(llm_dir, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                      max_prompt_tokens=max_prompt_tokens, prompt_bucket=prompt_bucket, dtype=dtype)
+    if not isinstance(records_per_shard, int) or records_per_shard < 1:
+        raise ConfigError(f"generation: records_per_shard must be a positive int, got {records_per_shard!r}")
+    record_fn = _ShardRecords(source, recipe, generator, records_per_shard, n_records, audio_format, drop_unfinished)
+    return write_corpus(out_dir, record_fn, n_records, records_per_shard, process_index, process_count,
+                        **write_options)
