@@ -1,0 +1,157 @@
+"""MATS noise injection, k-means and Santa retrieval, checked against NumPy brute force."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alm_jax.errors import CheckpointError, ConfigError
+from alm_jax.models.connectors import SantaBank, SantaConfig, SantaMemory, kmeans, l2_normalize, noise_injection
+from alm_jax.training.mesh import make_mesh, state_shardings
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_santa(z, bank, centroids, assign, cfg: SantaConfig):
+    """The reference algorithm (MATS `encode_audio`, k-means branch) in NumPy, without noise.
+    Returns (retrieved bank indices per row as a sorted multiset, mixed embedding)."""
+    idx_out, z_out = [], []
+    for za in z:
+        c = int(np.argmin(np.linalg.norm(centroids - za, axis=1)))
+        members = np.flatnonzero(assign == c)            # bank order, like the reference's cluster list
+        if len(members) < cfg.k:                         # pad by repeating the first member
+            members = np.concatenate([members, np.repeat(members[:1], cfg.k - len(members))])
+        d = np.linalg.norm(bank[members] - za, axis=1)
+        top = members[np.argsort(d, kind="stable")[:cfg.k]]
+        m = _unit(bank[top])
+        w = np.exp(cfg.tau * (m @ za) - np.max(cfg.tau * (m @ za)))
+        w = w / w.sum()
+        idx_out.append(np.sort(top))
+        z_out.append(_unit((1 - cfg.lam) * za + cfg.lam * (w[:, None] * m).sum(0)))
+    return np.stack(idx_out), np.stack(z_out)
+
+
+def test_noise_injection_normalizes_and_perturbs():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16)) * 3, jnp.float32)
+    y = noise_injection(x, 0.1, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=-1), 1.0, atol=1e-6)
+    assert float(jnp.max(jnp.abs(y - l2_normalize(x)))) > 1e-3
+    assert float(jnp.max(jnp.abs(y - noise_injection(x, 0.1, jax.random.PRNGKey(1))))) > 1e-3
+    np.testing.assert_allclose(np.asarray(noise_injection(x, 0.0, jax.random.PRNGKey(0))),
+                               _unit(np.asarray(x)), atol=1e-6)
+
+
+def test_kmeans_inertia_never_increases_and_assignment_is_nearest_centroid():
+    x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
+    centroids, assign, history = kmeans(jnp.asarray(x), 12, 15, seed=3)
+    h = np.asarray(history)
+    assert h.shape == (16,)
+    assert np.all(np.diff(h) <= 1e-4 * h[0]), h
+    assert h[-1] < h[0]
+    d = ((x[:, None, :] - np.asarray(centroids)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(assign), d.argmin(1))
+    np.testing.assert_allclose(h[-1], d.min(1).sum(), rtol=1e-4)
+    # deterministic per seed
+    c2, a2, _ = kmeans(jnp.asarray(x), 12, 15, seed=3)
+    np.testing.assert_array_equal(np.asarray(c2), np.asarray(centroids))
+    c3, _, _ = kmeans(jnp.asarray(x), 12, 15, seed=4)
+    assert not np.array_equal(np.asarray(c3), np.asarray(centroids))
+
+
+def test_kmeans_recovers_separated_blobs():
+    rng = np.random.default_rng(2)
+    centers = 20 * np.eye(4, 6, dtype=np.float32)
+    labels = rng.integers(0, 4, size=200)
+    x = centers[labels] + rng.normal(size=(200, 6)).astype(np.float32) * 0.1
+    for seed in range(3):
+        c, a, _ = kmeans(jnp.asarray(x), 4, 10, seed=seed)
+        a = np.asarray(a)
+        # same partition as the truth (up to renaming) when the seeds hit all four blobs
+        if len(set(a.tolist())) == 4:
+            pairs = set(zip(labels.tolist(), a.tolist()))
+            assert len(pairs) == 4
+            for k in range(4):
+                np.testing.assert_allclose(np.asarray(c)[k], x[a == k].mean(0), atol=1e-4)
+            return
+    pytest.fail("k-means never found the four blobs in three seeds")
+
+
+@pytest.mark.parametrize("n,k_clusters,k", [(120, 6, 5), (60, 12, 8), (40, 3, 32)])
+def test_retrieval_matches_brute_force_within_nearest_cluster(n, k_clusters, k):
+    """Several random banks; small clusters (fewer members than k) exercise the first-member padding."""
+    rng = np.random.default_rng(n + k)
+    cfg = SantaConfig(n_clusters=k_clusters, iters=5, k=k, noise_std=0.0, seed=1)
+    mem = SantaMemory.from_embeddings(rng.normal(size=(n, 16)).astype(np.float32), cfg)
+    bank, cent, assign = (np.asarray(v[...]) for v in (mem.bank, mem.centroids, mem.assign))
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-6)
+    z = (rng.normal(size=(7, 16)) * 2).astype(np.float32)   # un-normalized audio embeddings
+    want_idx, want_z = _np_santa(z, bank, cent, assign, cfg)
+    got_idx = np.sort(np.asarray(mem.retrieve_indices(jnp.asarray(z))), axis=1)
+    np.testing.assert_array_equal(got_idx, want_idx)
+    np.testing.assert_allclose(np.asarray(mem(jnp.asarray(z))), want_z, atol=1e-5)
+
+
+def test_retrieved_entries_are_nearest_first_and_z_a_is_not_normalized():
+    rng = np.random.default_rng(4)
+    mem = SantaMemory.from_embeddings(rng.normal(size=(80, 8)).astype(np.float32),
+                                      SantaConfig(n_clusters=2, iters=5, k=4, noise_std=0.0))
+    z = jnp.asarray(rng.normal(size=(3, 8)) * 5, jnp.float32)
+    idx = np.asarray(mem.retrieve_indices(z))
+    d = np.linalg.norm(np.asarray(mem.bank[...])[idx] - np.asarray(z)[:, None], axis=-1)
+    assert np.all(np.diff(d, axis=1) >= 0)
+    # scaling z_a changes the mix (softmax(tau * dot) sees its norm): the reference does not normalize it
+    assert float(jnp.max(jnp.abs(mem(z) - mem(z / 5.0)))) > 1e-3
+
+
+def test_lambda_zero_is_the_plain_path():
+    rng = np.random.default_rng(5)
+    mem = SantaMemory.from_embeddings(rng.normal(size=(50, 8)).astype(np.float32),
+                                      SantaConfig(n_clusters=4, iters=3, k=4))
+    z = jnp.asarray(rng.normal(size=(3, 8)) * 3, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(mem(z, jax.random.PRNGKey(0), lam=0.0)), np.asarray(l2_normalize(z)))
+    # noise on the retrieved entries: different keys give different mixes, the result stays unit-norm
+    a, b = mem(z, jax.random.PRNGKey(0)), mem(z, jax.random.PRNGKey(1))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(a), axis=-1), 1.0, atol=1e-6)
+
+
+def test_memory_lives_in_model_state_not_in_params_and_round_trips(tmp_path):
+    rng = np.random.default_rng(6)
+    cfg = SantaConfig(n_clusters=5, iters=4, k=3)
+    mem = SantaMemory.from_embeddings(rng.normal(size=(40, 8)).astype(np.float32), cfg)
+    assert set(nnx.state(mem, SantaBank).keys()) == {"bank", "centroids", "assign"}
+    assert not nnx.state(mem, nnx.Param)
+    shardings = state_shardings(nnx.state(mem), make_mesh(devices=jax.devices()[:1]))  # replicated
+    assert shardings["bank"].get_value().spec == jax.sharding.PartitionSpec()
+    # restore through the nnx state, as a checkpoint would
+    fresh = SantaMemory(40, 8, cfg)
+    nnx.update(fresh, nnx.state(mem))
+    z = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(np.asarray(fresh(z, key)), np.asarray(mem(z, key)))
+    # file round trip
+    path = tmp_path / "santa.safetensors"
+    mem.save(path)
+    loaded = SantaMemory.load(path)
+    assert loaded.cfg == cfg
+    for name in ("bank", "centroids", "assign"):
+        np.testing.assert_array_equal(np.asarray(getattr(loaded, name)[...]), np.asarray(getattr(mem, name)[...]))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        SantaMemory.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="junk"):
+        SantaMemory.load(tmp_path / "junk.safetensors")
+
+
+def test_santa_rejects_bad_sizes():
+    with pytest.raises(ConfigError, match="k=32"):
+        SantaMemory(10, 4, SantaConfig(n_clusters=2))
+    with pytest.raises(ConfigError, match="n_clusters"):
+        SantaMemory(40, 4, dataclasses.replace(SantaConfig(), n_clusters=41, k=4))
