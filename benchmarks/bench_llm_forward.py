@@ -13,19 +13,11 @@ import argparse
 import shlex
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from _timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -64,7 +56,7 @@ def main(argv: list[str] | None = None) -> str:
             return hf(input_ids=ids_torch).logits
 
     diff = float(np.abs(np.asarray(run_jax()) - run_torch().numpy()).max())  # warm-up (compile) + agreement
-    t_jax, t_torch = _median_seconds(run_jax, args.repeats), _median_seconds(run_torch, args.repeats)
+    t_jax, t_torch = median_seconds(run_jax, args.repeats), median_seconds(run_torch, args.repeats)
 
     dev = jax.devices()[0]
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_llm_forward.py",

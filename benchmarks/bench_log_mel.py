@@ -10,19 +10,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 
 import jax
 import numpy as np
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from _timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -47,7 +39,7 @@ def main(argv: list[str] | None = None) -> str:
     run_hf = lambda: extractor(audio, sampling_rate=sr, return_tensors="np")  # noqa: E731
     ours, ref = np.asarray(run_jax()), run_hf()["input_features"]  # warm-up (compile) + agreement check
     diff = float(np.abs(ours - ref).max())
-    t_jax, t_hf = _median_seconds(run_jax, args.repeats), _median_seconds(run_hf, args.repeats)
+    t_jax, t_hf = median_seconds(run_jax, args.repeats), median_seconds(run_hf, args.repeats)
 
     dev = jax.devices()[0]
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_log_mel.py", *(argv or sys.argv[1:])])

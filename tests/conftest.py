@@ -18,3 +18,14 @@ def demo_models():
 def demo_tokenizer(demo_models):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(demo_models.llm)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on 2 shared cores torch's spin-waiting pool makes the reference
+    models several times slower (generation measured 92 s vs 7 s)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -37,14 +37,8 @@ COMMON_WORDS = {"the", "a", "is", "of", "and", "to", "in", "it", "that", "you", 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on 2 shared cores, the spin-waiting pool made generation 10x slower (92 s vs 7 s)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_torch_thread(one_torch_thread):
+    """Every test here runs torch with one thread (see conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="session")

@@ -48,12 +48,8 @@ MIN_MARGIN = 0.15
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on 2 shared cores the spin-waiting pool makes torch several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_torch_thread(one_torch_thread):
+    """Every test here runs torch with one thread (see conftest.one_torch_thread)."""
 
 
 def _timed(label: str, fn, *args, **kwargs):

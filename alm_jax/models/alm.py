@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alm_jax.audio.features import HOP_LENGTH, log_mel
+from alm_jax.audio.features import HOP_LENGTH, log_mel, num_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.errors import ConfigError
 from alm_jax.models import connectors as C
@@ -89,19 +89,44 @@ class AudioLanguageModel(nnx.Module):
 
     # ---- audio side
 
-    def encoder_states(self, i: int, audio: jax.Array) -> list[jax.Array]:
-        """Encoder i on waveforms `[N, S]` -> the list its taps index (block outputs or HF hidden_states),
-        each `[N, frames, d]`, under stop_gradient (frozen: no backward pass through the encoder)."""
+    def encoder_states(self, i: int, audio: jax.Array | None = None,
+                       features: jax.Array | None = None) -> list[jax.Array]:
+        """Encoder i on waveforms `[N, S]` (log-mel computed here) or on precomputed log-mel `features`
+        `[N, n_mels, frames]` (the pipeline's host option) -> the list its taps index (block outputs or HF
+        hidden_states), each `[N, frames', d]`, under stop_gradient (frozen: no backward pass through it)."""
         enc, cfg = self.encoders[i], self.encoder_cfgs[i]
-        feats = log_mel(audio, n_mels=enc.config.num_mel_bins, pad_to_seconds=cfg.pad_to_seconds)
+        if features is not None:
+            feats = self._check_features(i, features)
+        elif audio is not None:
+            feats = log_mel(audio, n_mels=enc.config.num_mel_bins, pad_to_seconds=cfg.pad_to_seconds)
+        else:
+            raise ConfigError("encoder_states needs audio waveforms [N, S] or log-mel features [N, n_mels, frames]")
         out = enc(feats.astype(enc.dtype))
         states = out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
         return [jax.lax.stop_gradient(s) for s in states]
 
-    def audio_tokens(self, audio: jax.Array, audio_samples: jax.Array) -> jax.Array:
-        """audio `[N, S]` float32, audio_samples `[N]` valid samples -> `[N, max_audio_tokens, llm_dim]`
-        where clip n's first `num_audio_tokens(audio_samples[n])` rows are its tokens."""
-        main = self.encoder_states(0, audio)
+    def _check_features(self, i: int, features: jax.Array) -> jax.Array:
+        """Precomputed features must have the shape encoder i's own log-mel would give."""
+        enc, cfg = self.encoders[i], self.encoder_cfgs[i]
+        if features.ndim != 3 or features.shape[1] != enc.config.num_mel_bins:
+            raise ConfigError(f"audio_features of shape {tuple(features.shape)} do not fit encoder {i}, which "
+                              f"takes [N, {enc.config.num_mel_bins}, frames]; build them with "
+                              f"n_mels={enc.config.num_mel_bins} (or turn the host features option off)")
+        if cfg.pad_to_seconds is not None:
+            want = num_frames(0, pad_to_seconds=cfg.pad_to_seconds)
+            if features.shape[2] != want:
+                raise ConfigError(f"audio_features have {features.shape[2]} frames but encoder {i} pads to "
+                                  f"{cfg.pad_to_seconds} s ({want} frames); build them with the same "
+                                  "pad_to_seconds as the encoder")
+        return features
+
+    def audio_tokens(self, audio: jax.Array | None, audio_samples: jax.Array,
+                     features: jax.Array | None = None) -> jax.Array:
+        """audio `[N, S]` float32 (or log-mel `features` `[N, n_mels, frames]` instead; `audio` may then be
+        None), audio_samples `[N]` valid samples -> `[N, max_audio_tokens, llm_dim]` where clip n's first
+        `num_audio_tokens(audio_samples[n])` rows are its tokens. Host features serve every encoder, so
+        they must fit each one's mel bins and padding."""
+        main = self.encoder_states(0, audio, features)
         frames = (audio_samples // HOP_LENGTH + 1) // 2
         conn = self.connector
         if self.kind == "desta":
@@ -115,7 +140,7 @@ class AudioLanguageModel(nnx.Module):
         lengths = (frames + 1) // 2
         if self.kind == "alarm":
             return conn.boundary(tokens, lengths)
-        others = [self.encoder_states(i, audio) for i in range(1, len(self.encoders))]
+        others = [self.encoder_states(i, audio, features) for i in range(1, len(self.encoders))]
         conds = [a(s) for a, s in zip(conn.adapters[1:], others)]
         if self.kind == "sum":
             return conn.boundary(conn.fusion([tokens] + conds), lengths)
@@ -134,12 +159,16 @@ class AudioLanguageModel(nnx.Module):
     # ---- splicing and the LLM
 
     def embed_inputs(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Text embeddings with audio tokens written at `audio_slot >= 0` -> `[B, T, llm_dim]`."""
+        """Text embeddings with audio tokens written at `audio_slot >= 0` -> `[B, T, llm_dim]`. The audio
+        comes from `batch["audio_features"]` (host log-mel) when present, else `batch["audio"]`."""
         text = self.llm.embed(batch["input_ids"])
         slot = batch["audio_slot"]
-        if "audio" not in batch:
+        if "audio_features" in batch:
+            tokens = self.audio_tokens(None, batch["audio_samples"], features=batch["audio_features"])
+        elif "audio" in batch:
+            tokens = self.audio_tokens(batch["audio"], batch["audio_samples"])
+        else:
             return text
-        tokens = self.audio_tokens(batch["audio"], batch["audio_samples"])
         flat = tokens.reshape(-1, tokens.shape[-1]).astype(text.dtype)
         picked = jnp.take(flat, jnp.maximum(slot, 0), axis=0)
         return jnp.where((slot >= 0)[..., None], picked, text)

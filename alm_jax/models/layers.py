@@ -271,3 +271,26 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x `[..., embed]` -> `[..., embed]`."""
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Conv1d(nnx.Module):
+    """1-D convolution over time, channels last, zero padding. kernel `[kernel, in, out]` with logical axes
+    `("conv_kernel", *axes)` (torch's `[out, in, kernel]` transposed by (2, 1, 0)), bias `[out]`."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, use_bias: bool = True, axes: tuple[str | None, str | None],
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.stride, self.padding, self.dtype = stride, padding, dtype
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        self.kernel = param(init(rngs.params(), (kernel_size, in_features, out_features), param_dtype),
+                            ("conv_kernel", *axes))
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[batch, time, in]` -> `[batch, time', out]`, time' = (time + 2 padding - kernel) // stride + 1."""
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride,),
+            padding=[(self.padding, self.padding)], dimension_numbers=("NWC", "WIO", "NWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y

@@ -30,7 +30,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from alm_jax.errors import AudioError, ConfigError
-from alm_jax.models.layers import LayerNorm, Linear, param
+from alm_jax.models.layers import Conv1d, LayerNorm, Linear, param
 
 _GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
 
@@ -95,26 +95,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
 
 
-class Conv1d(nnx.Module):
-    """1-D convolution over time, channels last. kernel `[width, in, out]` (torch `[out, in, width]`
-    transposed by (2, 1, 0)), bias `[out]`."""
-
-    def __init__(self, in_ch: int, out_ch: int, *, width: int, stride: int, padding: int,
-                 axes: tuple[str | None, str | None, str | None], dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.stride, self.padding, self.dtype = stride, padding, dtype
-        init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-        self.kernel = param(init(rngs.params(), (width, in_ch, out_ch), param_dtype), axes)
-        self.bias = param(jnp.zeros((out_ch,), param_dtype), (axes[2],))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x `[batch, time, in]` -> `[batch, time', out]`, time' = (time + 2 pad - width) // stride + 1."""
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride,),
-            padding=[(self.padding, self.padding)], dimension_numbers=("NWC", "WIO", "NWC"))
-        return y + self.bias[...].astype(self.dtype)
-
-
 class WhisperAttention(nnx.Module):
     """Bidirectional multi-head self-attention; q/v/out have biases, k has none (as in Whisper)."""
 
@@ -167,10 +147,9 @@ class WhisperEncoder(nnx.Module):
         d = cfg.d_model
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gelu_approximate = _GELU_APPROXIMATE[cfg.activation_function]
-        self.conv1 = Conv1d(cfg.num_mel_bins, d, width=3, stride=1, padding=1,
-                            axes=("conv_kernel", "mel", "audio_embed"), **kw)
+        self.conv1 = Conv1d(cfg.num_mel_bins, d, 3, stride=1, padding=1, axes=("mel", "audio_embed"), **kw)
         # conv2 maps embed -> embed; one of the two channel axes must stay unsharded.
-        self.conv2 = Conv1d(d, d, width=3, stride=2, padding=1, axes=("conv_kernel", "audio_embed", None), **kw)
+        self.conv2 = Conv1d(d, d, 3, stride=2, padding=1, axes=("audio_embed", None), **kw)
         self.embed_positions = param(jnp.asarray(sinusoids(cfg.max_source_positions, d), param_dtype),
                                      ("audio_pos", "audio_embed"))
         self.layers = nnx.List([WhisperBlock(cfg, **kw) for _ in range(cfg.encoder_layers)])

@@ -9,7 +9,8 @@
 
 from alm_jax.models.connectors.alarm_adapter import (
     AlarmAdapter, AlarmAdapterConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig)
-from alm_jax.models.connectors.common import BatchNorm1d, Conv1d, LayerSoftmaxAverage, MultiHeadAttention
+from alm_jax.models.connectors.common import BatchNorm1d, LayerSoftmaxAverage, MultiHeadAttention
+from alm_jax.models.layers import Conv1d
 from alm_jax.models.connectors.fusion import (
     AudioBoundary, CrossAttentionFusion, CrossAttentionFusionConfig, Perceiver, PerceiverConfig,
     PerceiverFusion, PerceiverFusionConfig, PreNormDecoderLayer, SumFusion)

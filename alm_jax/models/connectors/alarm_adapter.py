@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alm_jax.errors import ConfigError
-from alm_jax.models.connectors.common import (
-    BatchNorm1d, Conv1d, LayerSoftmaxAverage, check_last_dim, gelu, select_taps)
-from alm_jax.models.layers import LayerNorm, Linear
+from alm_jax.models.connectors.common import BatchNorm1d, LayerSoftmaxAverage, check_last_dim, gelu, select_taps
+from alm_jax.models.layers import Conv1d, LayerNorm, Linear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,28 +89,6 @@ class MultiHeadAttention(nnx.Module):
 
 
 
-class Conv1d(nnx.Module):
-    """1-D convolution over time with zero padding. x `[batch, time, in]` -> `[batch, time', out]` where
-    `time' = (time + 2*padding - kernel) // stride + 1`. kernel `[kernel, in, out]`."""
-
-    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-                 padding: int = 0, use_bias: bool = True, axes=("conn_embed", "conn_mlp"),
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.stride, self.padding, self.dtype = stride, padding, dtype
-        init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-        self.kernel = param(init(rngs.params(), (kernel_size, in_features, out_features), param_dtype),
-                            ("conv_kernel", *axes))
-        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride,),
-            padding=[(self.padding, self.padding)], dimension_numbers=("NWC", "WIO", "NWC"))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
-
-
 class BatchNorm1d(nnx.Module):
     """BatchNorm over the channel (last) axis of `[batch, time, channels]`, torch `BatchNorm1d` semantics.
 
