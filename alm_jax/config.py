@@ -62,7 +62,6 @@ class ModelConfig:
     connector: ConnectorConfig = ConnectorConfig()
     lora: LoRAConfig = LoRAConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "blocks", "full"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)

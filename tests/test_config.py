@@ -43,3 +43,12 @@ def test_bad_yaml_files(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for p in configs:
+        cfg = load_config(p)
+        assert cfg.steps > 0, p
