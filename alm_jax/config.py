@@ -77,6 +77,8 @@ class DataConfig:
     num_workers: int = 0
     bad_fraction_limit: float = 0.01
     epochs: int = 0               # 0 = repeat forever (steps decide)
+    shards: int = 0               # data shards S of the global batch (0 = one per process); fix S to keep
+                                  # batches identical across cluster sizes (see training/trainer.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,20 @@
-"""The training loop: exact resume after kill -9, SIGTERM checkpoint, equal losses across mesh shapes,
-checkpoint restore onto another mesh, and clear config errors."""
+"""The training loop: exact resume after kill -9 (evals included), SIGTERM checkpoint, equal losses across mesh
+shapes, checkpoint restore onto another mesh, the non-finite guard, held-out evals, the global-batch layout
+(the same batches for any process count), FLOP accounting, and clear config errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tiny_setup import write_tiny_setup
+from tiny_setup import tiny_config, write_tiny_setup
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -33,20 +37,50 @@ def run(tiny, run_dir, action="none", *overrides, devices=1, expect_rc=0):
                         str(out), action, *overrides], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == expect_rc, r.stderr[-4000:]
     result = json.loads(out.read_text())
-    result["losses"] = {int(k): v for k, v in result["losses"].items()}
+    for key in ("losses", "eval_losses"):
+        result[key] = {int(k): v for k, v in result.get(key, {}).items()}
     return result
+
+
+def _paths(tiny) -> dict:
+    return json.loads((tiny / "paths.json").read_text())
+
+
+def _evals(tiny, every=5, batches=2) -> list[str]:
+    return [f"eval.corpus=[{_paths(tiny)['eval_corpus']}]", f"eval.every={every}", f"eval.batches={batches}"]
+
+
+def _state(ckpt_dir: Path, step: int) -> dict:
+    """A saved {'trainable', 'opt_state'} as nested dicts of numpy arrays."""
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / "state")
+
+
+def _same_tree(a, b) -> bool:
+    import jax
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return [p for p, _ in la] == [p for p, _ in lb] and all(np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb))
 
 
 @pytest.mark.slow
 def test_exact_resume_after_kill_9(tiny, tmp_path):
-    full = run(tiny, tmp_path / "full")
+    full = run(tiny, tmp_path / "full", "none", *_evals(tiny))
     assert full["step"] == 20 and len(full["losses"]) == 20
-    killed = run(tiny, tmp_path / "resumed", "kill:13", expect_rc=-signal.SIGKILL)
+    killed = run(tiny, tmp_path / "resumed", "kill:13", *_evals(tiny), expect_rc=-signal.SIGKILL)
     assert killed["step"] == 13
-    resumed = run(tiny, tmp_path / "resumed")
+    resumed = run(tiny, tmp_path / "resumed", "none", *_evals(tiny))
     assert sorted(resumed["losses"]) == list(range(11, 21))        # restarted from the checkpoint at 10
     for s in range(11, 21):
         assert resumed["losses"][s] == full["losses"][s], s          # bit-identical: same samples, same math
+    # held-out evals: every 5 steps on the same 2 batches (the eval pipeline restarts each time), so the
+    # resumed process, whose first eval is at 15, matches the run that already evaluated at 5 and 10
+    assert sorted(full["eval_losses"]) == [5, 10, 15, 20]
+    assert killed["eval_losses"] == {s: full["eval_losses"][s] for s in (5, 10)}
+    assert resumed["eval_losses"] == {s: full["eval_losses"][s] for s in (15, 20)}
+    assert full["eval_losses"][20] < full["eval_losses"][5]          # evaluated with the current parameters
+    from alm_jax.training.metrics import read_metrics
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+    assert {s: logged[s]["eval/loss"] for s in (5, 10, 15, 20)} == full["eval_losses"]
 
 
 @pytest.mark.slow
@@ -79,3 +113,144 @@ def test_mesh_product_must_match_device_count():
         make_mesh(2, 2, 2)
     with pytest.raises(ConfigError, match="at most one"):
         make_mesh(-1, -1, 1)
+
+
+@pytest.mark.slow
+def test_nonfinite_batch_is_skipped_counted_and_training_continues(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(tiny, run_dir, "none", "--poison=3", "steps=6", "checkpoint.every=1", "checkpoint.keep_last=0",
+            "logging.every=1")
+    assert r["step"] == 6 and r["stopped_by"] == "done"
+    assert math.isnan(r["losses"][3])                                # the NaN audio reached the loss
+    assert all(math.isfinite(r["losses"][s]) for s in (1, 2, 4, 5, 6))
+    from alm_jax.training.metrics import read_metrics
+    rows = {row["step"]: row for row in read_metrics(run_dir)}
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert rows[3]["loss"] is None and rows[3]["grad_norm"] is None   # not averaged into the window
+    assert rows[4]["loss"] == pytest.approx(r["losses"][4])
+    # the skipped step left parameters and optimizer state exactly as they were; the next step moves them
+    ckpt = run_dir / "ckpt"
+    assert _same_tree(_state(ckpt, 2), _state(ckpt, 3))
+    assert not _same_tree(_state(ckpt, 3)["trainable"], _state(ckpt, 4)["trainable"])
+    # MFU needs a peak: none on CPU; the model FLOP rate is still logged
+    assert rows[6]["mfu"] is None and rows[6]["tflops_per_s"] > 0
+    assert r["flops_per_step"] == _expected_tiny_flops()["train"]
+
+
+@pytest.mark.slow
+def test_max_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run(tiny, run_dir, "none", "--poison=3-8", "max_bad_steps=3", "steps=10", "checkpoint.every=2",
+            "checkpoint.keep_last=0", expect_rc=3)
+    assert r["stopped_by"] == "nonfinite" and r["step"] == 4          # step 5 was the 3rd bad one: no step 6
+    assert "3 consecutive steps had a non-finite loss" in r["error"] and "max_bad_steps=3" in r["error"]
+    assert "stopped at step 5" in r["error"] and "last good checkpoint is step 4" in r["error"]
+    ckpt = run_dir / "ckpt"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4]
+    # the checkpoint saved inside the streak holds the parameters of the last good step (2)
+    assert _same_tree(_state(ckpt, 2), _state(ckpt, 4))
+
+
+def test_eval_needs_a_corpus(tiny, tmp_path):
+    from alm_jax.errors import ConfigError
+    from alm_jax.training.trainer import train
+    with pytest.raises(ConfigError, match=r"eval\.corpus is empty but eval\.every=5"):
+        train(tiny_config(_paths(tiny), tmp_path, "eval.every=5"))
+    with pytest.raises(ConfigError, match=r"eval\.batches=0"):
+        train(tiny_config(_paths(tiny), tmp_path, "eval.every=5", "eval.batches=0",
+                          f"eval.corpus=[{_paths(tiny)['eval_corpus']}]"))
+
+
+def _batches(cfg, paths, rows, shards, n=3):
+    from alm_jax.models.alm import AudioTokenCount
+    from alm_jax.training.trainer import build_batches
+    model = types.SimpleNamespace(token_count=AudioTokenCount("desta", fixed=4))   # all the pipeline needs
+    it = build_batches(cfg, model, paths["llm"], cfg.data.corpus, rows=rows, data_shards=shards).iterator()
+    return [next(it) for _ in range(n)]
+
+
+def _glue(*per_process):
+    """The global batches that make_array_from_process_local_data assembles: process p's rows after p-1's."""
+    return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]} for parts in zip(*per_process)]
+
+
+def _same_batches(a, b) -> bool:
+    return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def _samples(batch) -> list[bytes]:
+    return [batch["input_ids"][r].tobytes() + batch["audio"][r].tobytes() for r in range(len(batch["input_ids"]))]
+
+
+def test_global_batches_are_the_same_for_any_process_count(tiny, tmp_path):
+    from alm_jax.errors import ConfigError
+    from alm_jax.training.trainer import BatchLayout
+    paths = _paths(tiny)
+    cfg = tiny_config(paths, tmp_path)                  # batch 8, DeSTA with 4 audio tokens per clip, 1 clip
+    # 2 data shards: 1 process reading both == 2 processes reading one each, row for row (audio slots too)
+    two_shards = _batches(cfg, paths, (0, 8), 2)
+    assert _same_batches(two_shards, _glue(_batches(cfg, paths, (0, 4), 2), _batches(cfg, paths, (4, 8), 2)))
+    # 8 data shards (one per row): the same global batches for 1, 2 or 4 processes
+    eight = _batches(cfg, paths, (0, 8), 8)
+    assert _same_batches(eight, _glue(*[_batches(cfg, paths, (r, r + 4), 8) for r in (0, 4)]))
+    assert _same_batches(eight, _glue(*[_batches(cfg, paths, (r, r + 2), 8) for r in (0, 2, 4, 6)]))
+    # a different shard count keeps each batch's samples but not their row order: the reason to fix it
+    one_shard = _batches(cfg, paths, (0, 8), 1)
+    for a, b in zip(one_shard, two_shards):
+        assert sorted(_samples(a)) == sorted(_samples(b))
+    assert any(_samples(a) != _samples(b) for a, b in zip(one_shard, two_shards))
+    # every row reads its own audio tokens: (row * clips + clip) * max_audio_tokens + position
+    for batch in two_shards + eight:
+        for r in range(8):
+            slots = batch["audio_slot"][r]
+            assert sorted(slots[slots >= 0].tolist()) == [r * 4 + j for j in range(4)], r
+    with pytest.raises(ConfigError, match="positive divisor"):
+        BatchLayout.make(8, (0, 4), 3)
+    with pytest.raises(ConfigError, match="does not line up"):
+        BatchLayout.make(8, (0, 4), 1)
+
+
+def _expected_tiny_flops() -> dict:
+    """The tiny setup's training FLOPs per step, counted by hand (batch 8, 48 text tokens, 0.6 s clips ->
+    60 mel frames -> 30 encoder positions; Q-Former: 2 taps x 4 queries, hidden 32, 1 layer, ffn 64)."""
+    from alm_jax.training import flops as F
+    B, T, frames = 8, 48, 30
+    enc = F.encoder_forward_flops(2, 32, 64, 4, 80, frames)              # both blocks are tapped
+    taps, q, h, inter, e, llm_d = 2, 4, 32, 64, 32, 32
+    layer = (2 * q * 4 * h * h + 2 * 2 * q * q * h                       # self-attention: projections, scores+values
+             + 2 * q * 2 * h * h + 2 * frames * 2 * e * h + 2 * 2 * q * frames * h   # cross-attention
+             + 2 * q * 2 * h * inter)                                     # MLP
+    conn = taps * layer + 2 * q * h * taps + 2 * q * h * llm_d           # + per-query tap mix + projection
+    llm = F.transformer_forward_flops(2, 32, 64, 4, 2, 8, T, 49152)
+    return {"encoder": B * enc, "connector": B * conn, "llm": B * llm, "lora": 0,
+            "train": B * (enc + 3 * conn + 2 * llm)}
+
+
+def test_flops_per_step_count_every_part(tiny, tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from alm_jax.training import flops as F
+    from alm_jax.training.trainer import build_model, matmul_flops, step_flops
+    cfg = tiny_config(_paths(tiny), tmp_path)
+    model, _ = build_model(cfg.model)
+    T, S = 48, 9600
+    sds = jax.ShapeDtypeStruct
+    sample = {k: sds((1, T), jnp.int32) for k in ("input_ids", "targets", "attention_mask", "audio_slot")}
+    sample.update(loss_mask=sds((1, T), jnp.float32), audio=sds((1, S), jnp.float32),
+                  audio_samples=sds((1,), jnp.int32))
+    assert step_flops(model, sample, 8) == _expected_tiny_flops()
+    # the analytic encoder and LLM formulas equal the matmuls of the traced modules (the LLM trace computes
+    # the full attention square; the count halves it for causal attention)
+    enc = matmul_flops(jax.make_jaxpr(lambda x: model.encoders[0](x))(sds((1, 80, 60), jnp.float32)))
+    assert enc == F.encoder_forward_flops(2, 32, 64, 4, 80, 30)
+    llm = matmul_flops(jax.make_jaxpr(lambda e: model.llm(inputs_embeds=e))(sds((1, T, 32), jnp.float32)))
+    assert llm == F.transformer_forward_flops(2, 32, 64, 4, 2, 8, T, 49152, causal=False)
+    # LoRA adapters count 3x on top of the frozen LLM's 2x
+    from alm_jax.models.lora import apply_lora
+    apply_lora(model.llm, rank=2, alpha=4.0, target_regex=r".*(q_proj|v_proj).*", rngs=nnx.Rngs(0))
+    with_lora = step_flops(model, sample, 8)
+    lora = 8 * 2 * F.lora_forward_flops(T, F.llm_layer_shapes(32, 4, 2, 8), 2)   # 2 layers x (q, v)
+    assert with_lora["lora"] == lora
+    assert with_lora["train"] == _expected_tiny_flops()["train"] + 3 * lora

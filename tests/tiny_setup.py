@@ -1,5 +1,5 @@
 """A tiny but complete training setup on disk: tiny Llama (with the demo tokenizer) and Whisper HF
-directories, a small corpus of short clips, and a TrainConfig pointing at them."""
+directories, a small corpus of short clips (+ a held-out one), and a TrainConfig pointing at them."""
 
 import shutil
 from pathlib import Path
@@ -44,11 +44,14 @@ def make_record(i: int) -> Record:
                             {"role": "assistant", "content": f"A tone number {i % 8}."}], recipe="test")
 
 
-def write_tiny_setup(root: Path, tokenizer_dir: Path, n_records: int = 48) -> dict:
+def write_tiny_setup(root: Path, tokenizer_dir: Path, n_records: int = 48, n_eval: int = 20) -> dict:
+    """Models, a training corpus of `n_records` and a held-out corpus of `n_eval` other records."""
     root.mkdir(parents=True, exist_ok=True)
     llm, wh = write_tiny_models(root, tokenizer_dir)
     write_corpus(root / "corpus", make_record, n_records, 16)
-    return {"llm": str(llm), "whisper": str(wh), "corpus": str(root / "corpus")}
+    write_corpus(root / "eval_corpus", lambda i: make_record(10_000 + i), n_eval, 16)
+    return {"llm": str(llm), "whisper": str(wh), "corpus": str(root / "corpus"),
+            "eval_corpus": str(root / "eval_corpus")}
 
 
 def tiny_config(paths: dict, run_dir: Path, *extra: str):
