@@ -98,3 +98,65 @@ def log_mel(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000,
     logm = jnp.log10(jnp.maximum(mel, 1e-10))
     logm = jnp.maximum(logm, logm.max(axis=(1, 2), keepdims=True) - 8.0)
     return jnp.swapaxes((logm + 4.0) / 4.0, 1, 2)
+
+
+_LOG_FLOOR = np.log10(np.float32(1e-10))  # log10 of the clamp floor: a frame of exact zeros
+
+
+def log_mel_numpy(audio: np.ndarray, *, n_mels: int = 80, sample_rate: int = 16000,
+                  pad_to_seconds: float | None = 30.0, valid_samples=None) -> np.ndarray:
+    """`log_mel` on the host in numpy/scipy (float32, the same steps), for the input pipeline's host option.
+
+    audio `[batch, samples]` -> `[batch, n_mels, frames]` float32. `valid_samples` `[batch]` (optional)
+    promises that row b is zero from sample `valid_samples[b]` on; frames whose window lies wholly in that
+    zero tail are exact zeros before the log, so they are filled with the log floor instead of computed
+    (the result is the same; a 10 s clip in a 30 s window costs a third). Single-threaded: scipy's FFT
+    and a sparse filterbank product (no BLAS thread pool spinning inside data-loader threads).
+    """
+    import scipy.fft
+
+    audio = np.asarray(audio, np.float32)
+    if audio.ndim != 2:
+        raise AudioError(f"log_mel_numpy expects audio [batch, samples], got shape {audio.shape}; "
+                         "add a batch axis with audio[None] for one clip")
+    if pad_to_seconds is not None:
+        target = int(round(pad_to_seconds * sample_rate))
+        if target <= 0:
+            raise AudioError(f"pad_to_seconds={pad_to_seconds} gives no samples; use a positive duration or None")
+        n = audio.shape[1]
+        audio = audio[:, :target] if n >= target else np.pad(audio, ((0, 0), (0, target - n)))
+    batch, n = audio.shape
+    half = N_FFT // 2
+    if n <= half:
+        raise AudioError(f"audio of {n} samples is too short for log_mel: need more than {half} samples "
+                         f"({half / sample_rate * 1000:.1f} ms at {sample_rate} Hz)")
+    frames = n // HOP_LENGTH
+    fb_t = _filterbank_csr(n_mels, sample_rate)                                   # [n_mels, bins]
+    window = _hann(N_FFT)
+    out = np.full((batch, n_mels, frames), _LOG_FLOOR, np.float32)
+    for b in range(batch):
+        used = frames
+        if valid_samples is not None:
+            v = max(0, int(valid_samples[b]))
+            if v <= n - half - 1:  # the right reflection (samples n-201..n-2) is zero too
+                used = min(frames, -(-(v + half) // HOP_LENGTH))  # frames before the first one starting at v + 200
+        if used == 0:
+            continue
+        # only the padded prefix the first `used` frames read: [0, (used - 1) * hop + n_fft)
+        padded = np.pad(audio[b], (half, half), mode="reflect")[:(used - 1) * HOP_LENGTH + N_FFT]
+        win = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH] * window  # [used, n_fft]
+        spec = scipy.fft.rfft(win, axis=-1)                                               # [used, bins]
+        power = np.square(spec.real) + np.square(spec.imag)
+        mel = np.asarray(fb_t @ power.T, np.float32)                                      # [n_mels, used]
+        np.log10(np.maximum(mel, np.float32(1e-10)), out=out[b, :, :used])
+    np.maximum(out, out.max(axis=(1, 2), keepdims=True) - np.float32(8.0), out=out)
+    out += np.float32(4.0)
+    out /= np.float32(4.0)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _filterbank_csr(n_mels: int, sample_rate: int):
+    """The float32 filterbank, transposed `[n_mels, bins]`, as a scipy CSR matrix (each bin feeds <= 2 mels)."""
+    import scipy.sparse
+    return scipy.sparse.csr_matrix(mel_filterbank(n_mels, sample_rate).astype(np.float32).T)

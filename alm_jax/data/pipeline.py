@@ -7,8 +7,8 @@
       -> build each sample (decode audio: resample to 16 kHz mono, pad/crop per encoder; tokenize the
          messages with the LLM's chat template; placeholder spans of the connector's exact token counts;
          loss mask on assistant tokens + EOS) -- a bad sample becomes a marker, not an exception
-      -> [optional worker processes]
-      -> skip-and-count bad markers, batch with static shapes
+      -> [Grain read threads; optional worker processes]
+      -> skip-and-count bad markers, batch with static shapes (waveforms are padded here, once)
       -> iterator with `get_state()/set_state()` (exact resume)
 
 A batch (numpy, leading axis = per-process batch B, C = max clips per sample, S = audio samples):
@@ -17,6 +17,11 @@ A batch (numpy, leading axis = per-process batch B, C = max clips per sample, S 
     audio_slot `[B, T]` int32: -1 for text, else (b * C + clip) * max_audio_tokens + token index
     audio `[B * C, S]` float32 waveforms (log-mel runs on device), audio_samples `[B * C]` int32 (valid
     samples, 0 = empty slot); with `host_features=True`, `audio_features [B * C, n_mels, frames]` instead.
+
+Epochs: with `shuffle`, every epoch is a new permutation (Grain reseeds the shuffle with seed + epoch);
+without, every epoch is in record order. A batch may straddle two epochs; with `epochs` set, the last
+partial batch is dropped. With several corpora, one epoch ends when the first corpus (relative to its
+weight) is used up; the others go on from where they were (each in its own per-epoch permutation).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from alm_jax.audio.features import log_mel_numpy
 from alm_jax.data.bad_data import BadDataCounter, error_kind
 from alm_jax.data.records import Record
 from alm_jax.data.templates import ChatTokenizer
@@ -65,6 +71,8 @@ class PipelineConfig:
     fraction: float = 1.0           # nested data-size subset
     subset_seed: int = 1234         # the permutation that defines the nested subsets (keep fixed across a study)
     num_workers: int = 0
+    read_threads: int = 2           # Grain threads building samples in each process (0: the iterating thread)
+    read_buffer: int = 32           # samples built ahead per process (each holds its decoded audio)
     bad_fraction_limit: float = 0.01
     bad_min_seen: int = 100
     process_index: int = 0
@@ -72,10 +80,24 @@ class PipelineConfig:
 
 
 class SampleBuilder:
-    """Raw record bytes -> one sample dict of numpy arrays (text part + audio part), or a bad marker."""
+    """Raw record bytes -> one sample dict of numpy arrays (text part + audio part), or a bad marker.
 
-    def __init__(self, tokenizer: ChatTokenizer, audio: AudioSpec, seq_len: int, max_clips: int):
+    The audio part is `audio_packed [sum(audio_samples)]`, the clips' valid samples back to back, which
+    `collate` pads into the batch's `audio [B * C, S]` (log-mel on device, the default; a 10 s clip in a
+    30 s buffer is then copied once, not zero-filled, copied, and copied again), or, with
+    `host_features=True`, `audio_features [max_clips, n_mels, frames]` float32: the Whisper log-mel of the
+    padded buffer computed here (`log_mel_numpy`, the same math as the model's `log_mel` with
+    `pad_to_seconds=audio.pad_to_seconds`; `n_mels` must be the encoder's `num_mel_bins`)."""
+
+    def __init__(self, tokenizer: ChatTokenizer, audio: AudioSpec, seq_len: int, max_clips: int, *,
+                 host_features: bool = False, n_mels: int = 80):
         self.tok, self.audio, self.seq_len, self.max_clips = tokenizer, audio, seq_len, max_clips
+        self.host_features, self.n_mels = host_features, n_mels
+
+    @property
+    def audio_key(self) -> str:
+        """The sample key of the audio part: "audio_features" (host log-mel) or "audio_packed" (waveforms)."""
+        return "audio_features" if self.host_features else "audio_packed"
 
     def __call__(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -84,13 +106,13 @@ class SampleBuilder:
             return {BAD: error_kind(e, "bad_record"), "detail": str(e)[:300]}
 
     def _audio(self, record: Record) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Decoded, padded clips `[max_clips, S]`, valid samples `[max_clips]`, and span lengths."""
+        """The clips' valid samples concatenated `[sum(valid)]` (or, with `host_features`, the log-mel of
+        the padded clips `[max_clips, n_mels, frames]`), valid samples `[max_clips]`, and span lengths."""
         if len(record.clips) > self.max_clips:
             raise _kind("too_many_clips", f"record has {len(record.clips)} clips; max_clips={self.max_clips}")
         spec = self.audio
-        waves = np.zeros((self.max_clips, spec.buffer_samples), np.float32)
         n_valid = np.zeros((self.max_clips,), np.int32)
-        spans = []
+        spans, parts = [], []
         for c, clip in enumerate(record.clips):
             wave = clip.decode(target_sr=spec.sample_rate, mono=True)
             if wave.size == 0:
@@ -101,22 +123,31 @@ class SampleBuilder:
                 raise _kind("too_long", f"clip of {wave.size / spec.sample_rate:.1f} s exceeds max_seconds="
                                         f"{spec.max_seconds}")
             n = min(wave.size, spec.buffer_samples)
-            waves[c, :n] = wave[:n]
+            parts.append(wave[:n])
             n_valid[c] = n
             tokens = int(spec.tokens_for_samples(n))
             if tokens > spec.max_audio_tokens:
                 raise _kind("too_long", f"clip needs {tokens} audio tokens > max_audio_tokens={spec.max_audio_tokens}")
             spans.append(tokens)
-        return waves, n_valid, spans
+        if self.host_features:
+            waves = np.zeros((self.max_clips, spec.buffer_samples), np.float32)
+            for c, part in enumerate(parts):
+                waves[c, :part.size] = part
+            feats = log_mel_numpy(waves, n_mels=self.n_mels, sample_rate=spec.sample_rate,
+                                  pad_to_seconds=spec.pad_to_seconds, valid_samples=n_valid)
+            return feats, n_valid, spans
+        packed = parts[0] if len(parts) == 1 else np.concatenate(parts or [np.zeros((0,), np.float32)])
+        return packed, n_valid, spans
 
     def build_prompt(self, record: Record) -> dict[str, Any]:
         """Tokens of a prompt (messages ending with a user turn + the generation prompt) and its audio."""
-        waves, n_valid, spans = self._audio(record)
+        audio, n_valid, spans = self._audio(record)
         s = self.tok.encode(record.messages, spans)
-        return {"ids": s.ids, "clip": s.audio_clip, "pos": s.audio_pos, "audio": waves, "audio_samples": n_valid}
+        return {"ids": s.ids, "clip": s.audio_clip, "pos": s.audio_pos, self.audio_key: audio,
+                "audio_samples": n_valid}
 
     def build(self, record: Record) -> dict[str, Any]:
-        waves, n_valid, spans = self._audio(record)
+        audio, n_valid, spans = self._audio(record)
         s = self.tok.encode(record.messages, spans)
         if len(s) > self.seq_len + 1:
             raise _kind("too_long", f"sample has {len(s)} tokens > seq_len + 1 = {self.seq_len + 1}")
@@ -132,7 +163,7 @@ class SampleBuilder:
             "attention_mask": pad(np.ones((n,), np.int32), 0),
             "audio_clip": pad(s.audio_clip[:-1], -1),
             "audio_pos": pad(s.audio_pos[:-1], -1),
-            "audio": waves,
+            self.audio_key: audio,
             "audio_samples": n_valid,
         }
 
@@ -143,17 +174,37 @@ def _kind(kind: str, msg: str) -> DataError:
     return e
 
 
-def collate(samples: Sequence[dict[str, Any]], max_audio_tokens: int) -> dict[str, np.ndarray]:
-    """Stacks samples into a batch and computes the flat `audio_slot` index (see module docstring)."""
+def _collate_audio(samples: Sequence[dict[str, Any]], buffer_samples: int | None) -> dict[str, np.ndarray]:
+    """`audio_samples [B * C]` and either `audio_features [B * C, n_mels, frames]` (stacked) or `audio
+    [B * C, S]` (each sample's packed clips written into one zeroed buffer)."""
+    n_valid = np.concatenate([s["audio_samples"] for s in samples], 0)
+    if "audio_features" in samples[0]:
+        return {"audio_features": np.concatenate([s["audio_features"] for s in samples], 0), "audio_samples": n_valid}
+    if buffer_samples is None:
+        raise ConfigError("collate needs buffer_samples (AudioSpec.buffer_samples) to pad waveforms")
+    audio = np.zeros((len(n_valid), buffer_samples), np.float32)
+    C = samples[0]["audio_samples"].shape[0]
+    for b, s in enumerate(samples):
+        start = 0
+        for c, n in enumerate(s["audio_samples"].tolist()):
+            audio[b * C + c, :n] = s["audio_packed"][start:start + n]
+            start += n
+    return {"audio": audio, "audio_samples": n_valid}
+
+
+def collate(samples: Sequence[dict[str, Any]], max_audio_tokens: int, buffer_samples: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """Stacks samples into a batch and computes the flat `audio_slot` index (see module docstring).
+    Waveform samples are padded to `buffer_samples` (`AudioSpec.buffer_samples`); host log-mel samples
+    (`audio_features`) are stacked as they are."""
     B = len(samples)
     out = {k: np.stack([s[k] for s in samples]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
-    C = samples[0]["audio"].shape[0]
+    C = samples[0]["audio_samples"].shape[0]
     clip = np.stack([s["audio_clip"] for s in samples])
     pos = np.stack([s["audio_pos"] for s in samples])
     flat_clip = np.arange(B, dtype=np.int32)[:, None] * C + clip
     out["audio_slot"] = np.where(clip >= 0, flat_clip * max_audio_tokens + pos, -1).astype(np.int32)
-    out["audio"] = np.concatenate([s["audio"] for s in samples], 0)
-    out["audio_samples"] = np.concatenate([s["audio_samples"] for s in samples], 0)
+    out.update(_collate_audio(samples, buffer_samples))
     return out
 
 
@@ -240,19 +291,22 @@ def make_dataset(sources: Sequence[Any], builder: SampleBuilder, cfg: PipelineCo
     if cfg.process_count > 1:
         ds = ds[cfg.process_index::cfg.process_count]
     ds = ds.map(builder)
-    it = ds.to_iter_dataset()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
     if cfg.num_workers > 0:
+        # workers pass arrays under 64 KiB (token rows) through the queue, waveforms via shared memory
+        it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    max_tokens = builder.audio.max_audio_tokens
-    return _SkipBadAndBatch(it, cfg.batch_size, _Collate(max_tokens), cfg.bad_fraction_limit, cfg.bad_min_seen)
+    collate_fn = _Collate(builder.audio.max_audio_tokens, builder.audio.buffer_samples)
+    return _SkipBadAndBatch(it, cfg.batch_size, collate_fn, cfg.bad_fraction_limit, cfg.bad_min_seen)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Collate:
     max_audio_tokens: int
+    buffer_samples: int
 
     def __call__(self, samples):
-        return collate(samples, self.max_audio_tokens)
+        return collate(samples, self.max_audio_tokens, self.buffer_samples)
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -264,7 +318,8 @@ def ensure_absl_flags_parsed() -> None:
 
 def collate_prompts(builder: SampleBuilder, records: Sequence[Record], seq_len: int | None = None) -> dict[str, np.ndarray]:
     """A left-padded generation batch for `records` whose messages end with a user turn (the model
-    answers): input_ids / attention_mask / audio_slot `[B, T]`, audio `[B * C, S]`, audio_samples `[B * C]`."""
+    answers): input_ids / attention_mask / audio_slot `[B, T]`, audio `[B * C, S]` (or audio_features
+    `[B * C, n_mels, frames]` with the builder's `host_features`), audio_samples `[B * C]`."""
     rows = []
     for r in records:
         msgs = [m for m in r.messages if m["role"] != "assistant"] if r.messages[-1]["role"] == "assistant" else r.messages
@@ -283,6 +338,5 @@ def collate_prompts(builder: SampleBuilder, records: Sequence[Record], seq_len: 
         out["input_ids"][b, T - n:] = x["ids"]
         out["attention_mask"][b, T - n:] = 1
         out["audio_slot"][b, T - n:] = np.where(x["clip"] >= 0, (b * C + x["clip"]) * max_tok + x["pos"], -1)
-    out["audio"] = np.concatenate([x["audio"] for x in rows], 0)
-    out["audio_samples"] = np.concatenate([x["audio_samples"] for x in rows], 0)
+    out.update(_collate_audio(rows, builder.audio.buffer_samples))
     return out

@@ -1,6 +1,7 @@
 """The audio-language model: frozen encoder(s) -> trainable connector -> spliced into a frozen LLM.
 
     audio `[N, S]` (N = batch * clips) --log-mel--> frozen encoders --stop_gradient--> per-layer states
+      (or audio_features `[N, n_mels, frames]`, the log-mel computed by the input pipeline on the host)
       --connector (DeSTA Q-Former | ALARM adapter [+ CA / Perceiver / sum fusion] | MATS mapper)-->
       audio tokens `[N, max_audio_tokens, llm_dim]` (valid prefix per clip)
     input_ids `[B, T]` --LLM embedding--> text embeddings; positions with audio_slot >= 0 take audio token
@@ -256,8 +257,9 @@ def split_trainable(model: AudioLanguageModel):
 def generate(model: AudioLanguageModel, batch: dict[str, jax.Array], *, max_new_tokens: int = 64,
              eos_id: int | None = None) -> jax.Array:
     """Greedy answers `[B, max_new_tokens]` int32 for a left-padded prompt batch (input_ids, attention_mask,
-    audio_slot, audio, audio_samples; see `alm_jax.data.pipeline.collate_prompts`): the audio + text prompt
-    is prefilled into the LLM's KV cache, then decoded token by token (rows that emit `eos_id` stop)."""
+    audio_slot, audio or audio_features, audio_samples; see `alm_jax.data.pipeline.collate_prompts`): the
+    audio + text prompt is prefilled into the LLM's KV cache, then decoded token by token (rows that emit
+    `eos_id` stop)."""
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, dict(batch), max_new_tokens=max_new_tokens, eos_id=eos_id)
 
