@@ -12,7 +12,7 @@ mask is 1 exactly on assistant content tokens and the end-of-turn (EOS) token th
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -51,26 +51,36 @@ class ChatTokenizer:
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _encode_text(self, text: str, clip_start: int, span_lengths: Sequence[int], out: list) -> int:
-        """Appends (ids, loss=0, clip, pos) for `text`, expanding placeholders; returns clips consumed."""
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added), straight from the fast tokenizer's backend
+        (transformers' per-call wrapper costs more than the tokenization of these short pieces)."""
+        if not texts:
+            return []
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None:   # a slow (python) tokenizer
+            return [self.tok.encode(t, add_special_tokens=False) for t in texts]
+        return [backend.encode(t, add_special_tokens=False).ids for t in texts]
+
+    def _split_text(self, text: str, clip_start: int, n_clips: int, segments: list) -> int:
+        """Appends ("text", piece) / ("audio", clip) segments for `text`; returns clips consumed."""
         pieces = text.split(AUDIO_PLACEHOLDER)
-        clip = clip_start
         for i, piece in enumerate(pieces):
             if piece:
-                for t in self.tok.encode(piece, add_special_tokens=False):
-                    out.append((t, 0, -1, -1))
+                segments.append(("text", piece))
             if i < len(pieces) - 1:
-                if clip >= len(span_lengths):
+                clip = clip_start + i
+                if clip >= n_clips:
                     raise DataError(f"the messages hold more {AUDIO_PLACEHOLDER} placeholders than the "
-                                    f"{len(span_lengths)} audio clip(s) of the sample")
-                for p in range(span_lengths[clip]):
-                    out.append((self.placeholder_id, 0, clip, p))
-                clip += 1
-        return clip - clip_start
+                                    f"{n_clips} audio clip(s) of the sample")
+                segments.append(("audio", clip))
+        return len(pieces) - 1
 
     def encode(self, messages: Sequence[dict], span_lengths: Sequence[int]) -> TokenizedSample:
-        """Tokenizes a conversation; loss on every assistant turn's content + its EOS."""
-        out: list[tuple[int, int, int, int]] = []
+        """Tokenizes a conversation; loss on every assistant turn's content + its EOS.
+
+        The conversation is rendered once per assistant turn (prompt, then prompt + answer), cut into
+        text / audio / answer segments, and all text is tokenized in one batched call."""
+        segments: list[tuple[str, Any]] = []
         rendered_upto = ""
         clips = 0
         for k, msg in enumerate(messages):
@@ -84,20 +94,30 @@ class ChatTokenizer:
             full = self._render(messages[:k + 1], generation_prompt=False)
             if not prompt.startswith(rendered_upto) or not full.startswith(prompt):
                 raise DataError("the chat template is not prefix-stable; cannot place the loss mask")
-            clips += self._encode_text(prompt[len(rendered_upto):], clips, span_lengths, out)
-            answer = self.tok.encode(full[len(prompt):], add_special_tokens=False)
-            if self.eos_id not in answer:
-                raise DataError(f"assistant turn {k} does not end with the EOS token {self.tok.eos_token!r}")
-            end = answer.index(self.eos_id)
-            out.extend((t, 1 if i <= end else 0, -1, -1) for i, t in enumerate(answer))
+            clips += self._split_text(prompt[len(rendered_upto):], clips, len(span_lengths), segments)
+            segments.append(("answer", full[len(prompt):]))
             rendered_upto = full
-        tail = self._render(messages, generation_prompt=False)
-        if messages and messages[-1].get("role") != "assistant":
+        if not messages or messages[-1].get("role") != "assistant":   # a prompt: end with the generation prompt
             tail = self._render(messages, generation_prompt=True)
-        clips += self._encode_text(tail[len(rendered_upto):], clips, span_lengths, out)
+            clips += self._split_text(tail[len(rendered_upto):], clips, len(span_lengths), segments)
         if clips != len(span_lengths):
             raise DataError(f"the messages hold {clips} {AUDIO_PLACEHOLDER} placeholder(s) but the sample has "
                             f"{len(span_lengths)} audio clip(s)")
+        texts = [v for kind, v in segments if kind != "audio"]
+        encoded = iter(self._encode_batch(texts))
+        out: list[tuple[int, int, int, int]] = []
+        for kind, v in segments:
+            if kind == "audio":
+                out.extend((self.placeholder_id, 0, v, p) for p in range(span_lengths[v]))
+                continue
+            ids = next(encoded)
+            if kind == "text":
+                out.extend((t, 0, -1, -1) for t in ids)
+                continue
+            if self.eos_id not in ids:
+                raise DataError(f"an assistant turn does not end with the EOS token {self.tok.eos_token!r}")
+            end = ids.index(self.eos_id)
+            out.extend((t, 1 if i <= end else 0, -1, -1) for i, t in enumerate(ids))
         arr = np.asarray(out, dtype=np.int64).reshape(-1, 4)
         return TokenizedSample(ids=arr[:, 0].astype(np.int32), loss_mask=arr[:, 1].astype(np.float32),
                                audio_clip=arr[:, 2].astype(np.int32), audio_pos=arr[:, 3].astype(np.int32))
