@@ -254,3 +254,14 @@ def test_flops_per_step_count_every_part(tiny, tmp_path):
     lora = 8 * 2 * F.lora_forward_flops(T, F.llm_layer_shapes(32, 4, 2, 8), 2)   # 2 layers x (q, v)
     assert with_lora["lora"] == lora
     assert with_lora["train"] == _expected_tiny_flops()["train"] + 3 * lora
+
+
+@pytest.mark.parametrize("override,needle", [("model.connector.norm=batch", "connector.norm"),
+                                             ("model.lora.dropout=0.1", "lora.dropout")])
+def test_unsupported_training_state_is_refused(override, needle, tmp_path):
+    from alm_jax.config import load_config
+    from alm_jax.errors import ConfigError
+    from alm_jax.training.trainer import build_model
+    cfg = load_config(None, ["model.connector.kind=alarm", "model.lora.rank=4", override])
+    with pytest.raises(ConfigError, match=needle):
+        build_model(cfg.model)

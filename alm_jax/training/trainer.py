@@ -86,6 +86,14 @@ def build_model(cfg: ModelConfig, *, mesh=None, seed: int = 0):
     from alm_jax.models.lora import apply_lora
     from alm_jax.models.whisper import load_whisper_encoder
 
+    # The functional step carries params and optimizer state only: per-step mutable state (BatchNorm
+    # running statistics, dropout RNG counters) would be silently frozen, so refuse it up front.
+    if cfg.connector.norm == "batch" and cfg.connector.kind in ("alarm", "alarm_ca", "alarm_p", "sum"):
+        raise ConfigError("model.connector.norm=batch is not supported in training yet (the train step does not "
+                          "carry BatchNorm running statistics); use model.connector.norm=layer")
+    if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
+        raise ConfigError("model.lora.dropout > 0 is not supported in training yet (the train step does not "
+                          "advance dropout RNG state); set model.lora.dropout=0")
     dtype = DTYPES[cfg.dtype]
     llm_dir = resolve_model_path(cfg.llm)
     llm = load_llm(llm_dir, dtype=dtype, mesh=mesh)
