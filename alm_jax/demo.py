@@ -41,15 +41,20 @@ def run_demo(args) -> int:
 
     n_train, n_eval = args.train_records, args.eval_records
     t = time.time()
+    kept = {}
     for split, seed, n in (("train", 0, n_train), ("eval", 1, n_eval)):
         source = DemoSource(seed=seed, n_clips=n, max_duration=6.0)
         generate_corpus(out / "corpus" / split, source, DestaRecipe(seed=seed), models.llm, n_records=n,
                         records_per_shard=max(8, n // 4), batch_size=8, max_new_tokens=args.max_new_tokens)
-    _say(f"self-generated corpus ({n_train} train + {n_eval} eval records) in {time.time() - t:.1f} s")
+        kept[split] = json.loads((out / "corpus" / split / "manifest.json").read_text())["total_records"]
+    _say(f"self-generated corpus in {time.time() - t:.1f} s: kept {kept['train']} of {n_train} train and "
+         f"{kept['eval']} of {n_eval} eval answers (answers that only echo the seed description are dropped)")
 
     overrides = [f"data.corpus=[{out / 'corpus' / 'train'}]", f"checkpoint.dir={out / 'checkpoints'}",
                  f"logging.dir={out}", f"steps={args.steps}", f"optim.total_steps={args.steps}"]
     cfg = load_config(DEMO_CONFIG, overrides)
+    import shutil
+    shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)   # the demo trains afresh; the corpus is reused
     from alm_jax.training.trainer import build_dataset, build_model
     before = _eval_loss(cfg, out, params=None)
     t = time.time()
@@ -66,7 +71,7 @@ def run_demo(args) -> int:
         _say(f"  instruction: {a['instruction']}")
         _say(f"  LLM from text (target style): {a['reference']}")
         _say(f"  ALM from audio:               {a['alm']}")
-    summary = {"train_records": n_train, "eval_records": n_eval, "steps": result.step, "train_seconds": train_s,
+    summary = {"train_records": kept["train"], "eval_records": kept["eval"], "steps": result.step, "train_seconds": train_s,
                "first_loss": losses[min(losses)], "last_losses": [losses[s] for s in sorted(losses)[-5:]],
                "eval_loss_before": before, "eval_loss_after": after, "answers": answers,
                "devices": str(jax.devices()), "total_seconds": time.time() - t0}

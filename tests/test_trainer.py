@@ -265,3 +265,15 @@ def test_unsupported_training_state_is_refused(override, needle, tmp_path):
     cfg = load_config(None, ["model.connector.kind=alarm", "model.lora.rank=4", override])
     with pytest.raises(ConfigError, match=needle):
         build_model(cfg.model)
+
+
+@pytest.mark.slow
+def test_fresh_run_refuses_a_used_checkpoint_dir(tiny, tmp_path):
+    first = run(tiny, tmp_path / "run", "none", "steps=10")
+    assert first["step"] == 10
+    out = tmp_path / "again.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(HERE / "run_tiny_train.py"), str(tiny / "paths.json"),
+                        str(tmp_path / "run"), str(out), "none", "resume=none"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "resume=auto" in r.stderr

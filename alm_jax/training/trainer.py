@@ -499,6 +499,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     ckpt = Checkpointer.from_config(cfg.checkpoint, run_config=to_dict(cfg))
     start = 0
     point = resolve_resume(cfg.resume, cfg.checkpoint.dir)
+    if point is None and ckpt.all_steps():
+        raise ConfigError(f"checkpoint.dir {cfg.checkpoint.dir} already holds checkpoints {ckpt.all_steps()} from "
+                          "an earlier run, and resume=none would not overwrite them; continue with resume=auto, "
+                          "or give a new checkpoint.dir (or remove the old one)")
     if point is not None:
         target = {"trainable": trainable, "opt_state": opt_state}
         abstract = abstract_with_shardings(target)
