@@ -27,17 +27,11 @@ import time
 
 import numpy as np
 
+from _timing import median_seconds
+
 SR = 16000
 N_FFT, HOP = 400, 160
 
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def make_batch(batch: int, text: int, queries: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -217,7 +211,7 @@ def main(argv: list[str] | None = None) -> str:
     first_jax = jax_step()                                               # compile + the first step
     compile_s = time.perf_counter() - t0
     jax_step()
-    t_jax = _median(jax_step, args.repeats)
+    t_jax = median_seconds(jax_step, args.repeats)
 
     default_threads = torch.get_num_threads()
     rows = []
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> str:
         step = torch_step_fn(whisper, connector, llm, batch)
         loss = step()                                                    # warm-up
         first_torch = loss if first_torch is None else first_torch
-        t = _median(step, args.repeats)
+        t = median_seconds(step, args.repeats)
         rows.append((f"torch eager, {n} thread{'s' if n > 1 else ''}" + (" (default)" if setting == "default" else ""), t))
 
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_train_step.py",

@@ -29,3 +29,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, demo_models):
+    """A tiny training setup on disk (tests/tiny_setup.py): tiny Llama + Whisper dirs, a corpus, paths.json."""
+    import json
+
+    from tiny_setup import write_tiny_setup
+    root = tmp_path_factory.mktemp("tiny")
+    paths = write_tiny_setup(root, demo_models.llm)
+    (root / "paths.json").write_text(json.dumps(paths))
+    return root

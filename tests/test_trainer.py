@@ -14,18 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_setup import tiny_config, write_tiny_setup
+from tiny_setup import tiny_config
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_models):
-    root = tmp_path_factory.mktemp("tiny")
-    paths = write_tiny_setup(root, demo_models.llm)
-    (root / "paths.json").write_text(json.dumps(paths))
-    return root
 
 
 def run(tiny, run_dir, action="none", *overrides, devices=1, expect_rc=0):

@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tiny_setup import write_tiny_setup
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TIMEOUT = 300   # s, for all three processes together
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_models):
-    root = tmp_path_factory.mktemp("tiny")
-    paths = write_tiny_setup(root, demo_models.llm)
-    (root / "paths.json").write_text(json.dumps(paths))
-    return root
 
 
 def _free_port() -> int:
