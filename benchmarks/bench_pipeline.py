@@ -36,9 +36,8 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_corpus import _INSTRUCTIONS, _sentence_pool  # noqa: E402
+from bench_corpus import _INSTRUCTIONS, _sentence_pool, time_decoding  # noqa: E402
 
-from alm_jax.audio.io import decode_audio  # noqa: E402
 from alm_jax.data.corpus import Corpus, write_corpus  # noqa: E402
 from alm_jax.data.pipeline import (AudioSpec, PipelineConfig, SampleBuilder, ensure_absl_flags_parsed,  # noqa: E402
                                    make_dataset)
@@ -87,13 +86,7 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 
 
 def decode_rate(clips: list[bytes], min_time: float) -> dict:
-    decode_audio(clips[0], target_sr=SR)
-    done, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < min_time:
-        for data in clips:
-            decode_audio(data, target_sr=SR)
-        done += len(clips)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    done, dt, cpu = time_decoding(clips, SR, min_time)
     return {"clips": done, "per_s": done / dt, "per_cpu_s": done / cpu}
 
 

@@ -62,6 +62,14 @@ def num_frames(samples: int, *, sample_rate: int = 16000, pad_to_seconds: float 
     return samples // HOP_LENGTH
 
 
+def window_samples(pad_to_seconds: float, sample_rate: int) -> int:
+    """Samples in a fixed `pad_to_seconds` window (both log-mel implementations pad/crop to it)."""
+    target = int(round(pad_to_seconds * sample_rate))
+    if target <= 0:
+        raise AudioError(f"pad_to_seconds={pad_to_seconds} gives no samples; use a positive duration or None")
+    return target
+
+
 @functools.partial(jax.jit, static_argnames=("n_mels", "sample_rate", "pad_to_seconds"))
 def log_mel(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000,
             pad_to_seconds: float | None = 30.0) -> jax.Array:
@@ -77,9 +85,7 @@ def log_mel(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000,
                          "add a batch axis with audio[None] for one clip")
     audio = audio.astype(jnp.float32)
     if pad_to_seconds is not None:
-        target = int(round(pad_to_seconds * sample_rate))
-        if target <= 0:
-            raise AudioError(f"pad_to_seconds={pad_to_seconds} gives no samples; use a positive duration or None")
+        target = window_samples(pad_to_seconds, sample_rate)
         n = audio.shape[1]
         audio = audio[:, :target] if n >= target else jnp.pad(audio, ((0, 0), (0, target - n)))
     n = audio.shape[1]
@@ -120,9 +126,7 @@ def log_mel_numpy(audio: np.ndarray, *, n_mels: int = 80, sample_rate: int = 160
         raise AudioError(f"log_mel_numpy expects audio [batch, samples], got shape {audio.shape}; "
                          "add a batch axis with audio[None] for one clip")
     if pad_to_seconds is not None:
-        target = int(round(pad_to_seconds * sample_rate))
-        if target <= 0:
-            raise AudioError(f"pad_to_seconds={pad_to_seconds} gives no samples; use a positive duration or None")
+        target = window_samples(pad_to_seconds, sample_rate)
         n = audio.shape[1]
         audio = audio[:, :target] if n >= target else np.pad(audio, ((0, 0), (0, target - n)))
     batch, n = audio.shape
