@@ -9,8 +9,8 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["load_llm", "load_whisper_encoder", "audio"]
 
-_LAZY = {"load_llm": ("alm_jax.models.llm", "load_llm"),
-         "load_whisper_encoder": ("alm_jax.models.whisper", "load_whisper_encoder"),
+_LAZY = {"load_llm": ("alm_jax.weights.llm_params", "load_llm"),
+         "load_whisper_encoder": ("alm_jax.weights.whisper_params", "load_whisper_encoder"),
          "audio": ("alm_jax.audio", None)}
 
 

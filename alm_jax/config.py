@@ -34,7 +34,7 @@ class EncoderConfig:
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
     """The trainable bridge from encoder states to LLM embeddings."""
-    kind: Literal["desta", "alarm", "alarm_ca", "alarm_p", "sum", "mats"] = "desta"
+    kind: str = "desta"      # a registered kind: alm_jax/models/connectors/__init__.py::CONNECTORS
     num_queries: int = 64
     num_layers: int = 2
     num_heads: int = 8
@@ -44,7 +44,6 @@ class ConnectorConfig:
     norm: Literal["layer", "batch"] = "layer"
     perceiver_latents: int = 20
     mapper_tokens: int = 40
-    transcript_tokens: int = 0   # DeSTA: append up to this many transcript tokens after audio (0 = off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +74,11 @@ class DataConfig:
     max_clips: int = 1            # audio slots per sample
     max_audio_seconds: float = 30.0   # buffer length when encoders trim (pad_to_seconds = null)
     num_workers: int = 0
+    host_features: bool = False   # compute the log-mel in the input pipeline (numpy) instead of on device
     bad_fraction_limit: float = 0.01
     epochs: int = 0               # 0 = repeat forever (steps decide)
     shards: int = 0               # data shards S of the global batch (0 = one per process); fix S to keep
-                                  # batches identical across cluster sizes (see training/trainer.py)
+                                  # batches identical across cluster sizes (see data/multihost.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,7 @@ class EvalConfig:
     every: int = 0                # 0 = off
     batches: int = 4
     corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0)
+    evaluators: tuple[str, ...] = ("loss",)   # names in alm_jax/evaluation/__init__.py::EVALUATORS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,10 +30,13 @@ def run_demo(args) -> int:
 
     from alm_jax.config import load_config
     from alm_jax.data.sources.demo import DemoSource
+    from alm_jax.evaluation import HeldOutLoss
     from alm_jax.generation.engine import generate_corpus
     from alm_jax.recipes.desta import DestaRecipe
+    from alm_jax.training.checkpoint import restore_params
     from alm_jax.training.trainer import train
-    from alm_jax.weights.demo_models import prepare_demo
+    from alm_jax.weights.alm_params import build_alm
+    from alm_jax.weights.demo_models import prepare_demo, resolve_demo_paths
 
     out = Path(args.out)
     t0 = time.time()
@@ -52,20 +56,20 @@ def run_demo(args) -> int:
 
     overrides = [f"data.corpus=[{out / 'corpus' / 'train'}]", f"checkpoint.dir={out / 'checkpoints'}",
                  f"logging.dir={out}", f"steps={args.steps}", f"optim.total_steps={args.steps}"]
-    cfg = load_config(DEMO_CONFIG, overrides)
-    import shutil
+    cfg = resolve_demo_paths(load_config(DEMO_CONFIG, overrides), args.home)
     shutil.rmtree(cfg.checkpoint.dir, ignore_errors=True)   # the demo trains afresh; the corpus is reused
-    from alm_jax.training.trainer import build_dataset, build_model
-    before = _eval_loss(cfg, out, params=None)
+    heldout = HeldOutLoss(cfg, [str(out / "corpus" / "eval")], batches=0, batch_size=1)   # every record counts
+    before = heldout.run(build_alm(cfg.model, seed=cfg.seed))["eval/loss"]
     t = time.time()
     result = train(cfg)
     train_s = time.time() - t
     losses = result.losses
     _say(f"trained {result.step} steps in {train_s:.1f} s ({train_s / max(len(losses), 1):.2f} s/step); "
          f"loss {losses[min(losses)]:.3f} -> {np.mean([losses[s] for s in sorted(losses)[-5:]]):.3f} (mean of last 5)")
-    after = _eval_loss(cfg, out, params=cfg.checkpoint.dir)
+    model, _ = restore_params(build_alm(cfg.model, seed=cfg.seed), cfg.checkpoint.dir)
+    after = heldout.run(model)["eval/loss"]
     _say(f"held-out loss: {before:.3f} before training -> {after:.3f} after")
-    answers = _answers(cfg, out, n=3)
+    answers = _answers(cfg, model, out, n=3)
     for a in answers:
         _say(f"clip: {a['seed_description']}")
         _say(f"  instruction: {a['instruction']}")
@@ -80,62 +84,17 @@ def run_demo(args) -> int:
     return 0
 
 
-def _restored_model(cfg, params_dir):
-    """The demo ALM with its trained connector restored from the latest checkpoint (or fresh)."""
-    import jax
-    from flax import nnx
-
-    from alm_jax.models.alm import split_trainable
-    from alm_jax.training.checkpoint import Checkpointer, abstract_with_shardings
-    from alm_jax.training.step import make_optimizer
-    from alm_jax.training.trainer import build_model
-
-    model, llm_dir = build_model(cfg.model, seed=cfg.seed)
-    if params_dir is not None:
-        graphdef, trainable, frozen = split_trainable(model)
-        opt_state = make_optimizer(cfg.optim).init(trainable)
-        ck = Checkpointer(params_dir, read_only=True)
-        state, _ = ck.restore(None, abstract_with_shardings({"trainable": trainable, "opt_state": opt_state}))
-        model = nnx.merge(graphdef, state["trainable"], frozen)
-    return model, llm_dir
-
-
-def _eval_loss(cfg, out, params) -> float:
-    """Token-mean loss over the whole held-out corpus."""
-    import jax
-
-    from alm_jax.training.trainer import alm_loss, build_dataset
-    import dataclasses
-    model, llm_dir = _restored_model(cfg, params)
-    one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1))  # every record counts
-    ds = build_dataset(one, model, llm_dir, [str(out / "corpus" / "eval")], shuffle=False, epochs=1)
-    f = jax.jit(lambda b: alm_loss(model, b)[:2])
-    total = count = 0.0
-    it = iter(ds)
-    for batch in it:
-        s, n = f({k: jax.numpy.asarray(v) for k, v in batch.items()})
-        total, count = total + float(s), count + float(n)
-    if count == 0:
-        raise RuntimeError(f"no held-out record could be used: {it.bad.to_dict()}")
-    return total / count
-
-
-def _answers(cfg, out, n: int) -> list[dict]:
+def _answers(cfg, model, out, n: int) -> list[dict]:
     """The trained ALM's greedy answers for the first `n` held-out clips (audio + instruction only)."""
     import jax.numpy as jnp
-    from transformers import AutoTokenizer
 
     from alm_jax.data.corpus import Corpus
-    from alm_jax.data.pipeline import AudioSpec, SampleBuilder, collate_prompts
-    from alm_jax.data.templates import ChatTokenizer
+    from alm_jax.data.multihost import sample_builder
+    from alm_jax.data.pipeline import collate_prompts
     from alm_jax.models.alm import generate
 
-    model, llm_dir = _restored_model(cfg, cfg.checkpoint.dir)
-    tok = AutoTokenizer.from_pretrained(llm_dir)
-    count = model.token_count
-    spec = AudioSpec(tokens_for_samples=count, max_audio_tokens=count(int(cfg.data.max_audio_seconds * 16000)),
-                     pad_to_seconds=cfg.model.encoders[0].pad_to_seconds, max_seconds=cfg.data.max_audio_seconds)
-    builder = SampleBuilder(ChatTokenizer(tok), spec, cfg.data.max_text_tokens, cfg.data.max_clips)
+    builder = sample_builder(cfg, cfg.model.llm)
+    tok = builder.tok.tok
     corpus = Corpus(out / "corpus" / "eval")
     records = [corpus[i] for i in range(min(n, len(corpus)))]
     batch = collate_prompts(builder, records)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> str:
     import transformers
     from flax import nnx
 
-    from alm_jax.models.llm import load_llm
+    from alm_jax.weights.llm_params import load_llm
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,

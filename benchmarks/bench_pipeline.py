@@ -43,7 +43,7 @@ from alm_jax.data.pipeline import (AudioSpec, PipelineConfig, SampleBuilder, ens
                                    make_dataset)
 from alm_jax.data.records import AUDIO_PLACEHOLDER, AudioClip, Provenance, Record  # noqa: E402
 from alm_jax.data.templates import ChatTokenizer  # noqa: E402
-from alm_jax.models.alm import AudioTokenCount  # noqa: E402
+from alm_jax.models.connectors import TokenRule  # noqa: E402
 
 SR = 16000
 SYSTEM = "Focus on the audio clips and instructions."
@@ -149,8 +149,7 @@ def main() -> None:
         corpus = Corpus(work)
         write_s = time.perf_counter() - t0
         clips = [corpus[i].clips[0].data for i in range(len(corpus))]
-        spec = AudioSpec(tokens_for_samples=AudioTokenCount("desta", fixed=64), max_audio_tokens=64,
-                         pad_to_seconds=args.pad, max_seconds=args.pad)
+        spec = AudioSpec(tokens_for_samples=TokenRule(fixed=64), pad_to_seconds=args.pad, max_seconds=args.pad)
         lengths = [len(tok.encode(corpus[i].messages, [64])) for i in range(min(50, len(corpus)))]
         info = {"records": len(corpus), "clip_seconds": args.seconds, "pad_to_seconds": args.pad,
                 "flac_kb_per_clip": round(np.mean([len(c) for c in clips]) / 1024, 1),

@@ -10,10 +10,11 @@ trainable); SmolLM2-135M-shaped Llama (30 layers, hidden 576, 9/3 heads, ffn 153
 frozen). One step = log-mel of the raw waveforms + encoder (no gradient) + connector + splice into the text
 embeddings + LLM + token-mean cross-entropy + backward to the connector + global-norm clip + AdamW.
 
-JAX: `build_train_step` with `trainer.alm_loss` (the trainer's step, donation on). PyTorch: `WhisperEncoder`
-(output_hidden_states) under no_grad, a `BertEncoder` Q-Former (eager attention, as DeSTA), `LlamaForCausalLM`
-with `inputs_embeds`, frozen parts `requires_grad_(False)`, `torch.optim.AdamW` on the connector. The first
-step's losses are compared (same weights) to show the two compute the same thing.
+JAX: `build_train_step` with `step.alm_loss` (the trainer's step, donation on). PyTorch: `WhisperEncoder`
+(output_hidden_states) under no_grad, `alm_jax.testing.torch_desta.DestaConnector` (a `BertEncoder` Q-Former,
+eager attention, as DeSTA), `LlamaForCausalLM` with `inputs_embeds`, frozen parts `requires_grad_(False)`,
+`torch.optim.AdamW` on the connector. The first step's losses are compared (same weights) to show the two
+compute the same thing.
 Prints a markdown table: one JAX row, one torch row per thread setting, the ratios and the command.
 """
 
@@ -39,16 +40,16 @@ def make_batch(batch: int, text: int, queries: int, vocab: int, seed: int = 0) -
     loss on the last quarter of the text."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=(batch, text + 1)).astype(np.int32)
-    slot = -np.ones((batch, text), np.int32)
-    for b in range(batch):
-        slot[b, 4:4 + queries] = b * queries + np.arange(queries)
+    clip = -np.ones((batch, text), np.int32)
+    pos = -np.ones((batch, text), np.int32)
+    clip[:, 4:4 + queries], pos[:, 4:4 + queries] = 0, np.arange(queries)
     mask = np.zeros((batch, text), np.float32)
     mask[:, -text // 4:] = 1.0
     t = np.arange(30 * SR) / SR
     audio = np.stack([0.3 * np.sin(2 * np.pi * (200 + 50 * b) * t) + 0.05 * rng.standard_normal(t.size)
                       for b in range(batch)]).astype(np.float32)
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-            "attention_mask": np.ones((batch, text), np.int32), "audio_slot": slot, "audio": audio,
+            "attention_mask": np.ones((batch, text), np.int32), "audio_clip": clip, "audio_pos": pos, "audio": audio,
             "audio_samples": np.full((batch,), 30 * SR, np.int32)}
 
 
@@ -57,8 +58,9 @@ def make_batch(batch: int, text: int, queries: int, vocab: int, seed: int = 0) -
 
 def build_torch(args):
     import torch
-    from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
-    from transformers.models.bert.modeling_bert import BertEncoder
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+
+    from alm_jax.testing.torch_desta import DestaConnector
 
     torch.manual_seed(0)
     whisper = WhisperModel(WhisperConfig(
@@ -71,29 +73,8 @@ def build_torch(args):
         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048,
         rms_norm_eps=1e-5, attn_implementation="sdpa")).eval()
 
-    class Connector(torch.nn.Module):
-        """DeSTA2.5 QformerConnector: queries per tap through one shared BertEncoder (eager attention, no
-        mask: bidirectional), per-query softmax over taps, LayerNorm + Linear to the LLM width."""
-
-        def __init__(self):
-            super().__init__()
-            self.layer_prompts = torch.nn.ParameterList(
-                [torch.nn.Parameter(torch.randn(1, args.queries, 384)) for _ in range(2)])
-            self.layer_weights = torch.nn.Parameter(torch.zeros(args.queries, 2))
-            self.qformer = BertEncoder(BertConfig(
-                hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_hidden_layers=2,
-                is_decoder=True, add_cross_attention=True, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, attn_implementation="eager"))
-            self.proj = torch.nn.Sequential(torch.nn.LayerNorm(384), torch.nn.Linear(384, 576))
-
-        def forward(self, taps):
-            outs = [self.qformer(p.expand(t.shape[0], -1, -1), encoder_hidden_states=t).last_hidden_state
-                    for p, t in zip(self.layer_prompts, taps)]
-            outs = torch.stack(outs, 0).permute(1, 2, 0, 3)                  # b, q, taps, h
-            w = torch.softmax(self.layer_weights, dim=-1).unsqueeze(-1)
-            return self.proj((outs * w).sum(2))
-
-    connector = Connector()
+    connector = DestaConnector(n_taps=2, n_queries=args.queries, hidden=384, heads=6, intermediate=1536, layers=2,
+                               llm_dim=576)        # DeSTA2.5 QformerConnector; zero layer weights
     whisper.requires_grad_(False)
     llm.requires_grad_(False)
     return whisper, connector, llm
@@ -117,7 +98,10 @@ def torch_step_fn(whisper, connector, llm, batch):
     filters = torch.from_numpy(mel_filterbank(80, SR).T.astype(np.float32))
     opt = torch.optim.AdamW(connector.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01)
     t = {k: torch.from_numpy(v) for k, v in batch.items()}
-    ids, targets, slot = t["input_ids"].long(), t["targets"].long(), t["audio_slot"].long()
+    ids, targets = t["input_ids"].long(), t["targets"].long()
+    rows = torch.arange(ids.shape[0])[:, None]
+    queries = int((t["audio_clip"][0] >= 0).sum())
+    slot = torch.where(t["audio_clip"] >= 0, (rows + t["audio_clip"].long()) * queries + t["audio_pos"].long(), -1)
     embed = llm.get_input_embeddings()
 
     def step():
@@ -149,8 +133,8 @@ def build_jax(whisper, connector, llm, args, tmp):
     from alm_jax.config import ConnectorConfig, EncoderConfig
     from alm_jax.models.alm import AudioLanguageModel
     from alm_jax.models.connectors import load_bert_qformer_weights
-    from alm_jax.models.llm import load_llm
-    from alm_jax.models.whisper import load_whisper_encoder
+    from alm_jax.weights.llm_params import load_llm
+    from alm_jax.weights.whisper_params import load_whisper_encoder
 
     whisper.save_pretrained(f"{tmp}/whisper")
     llm.save_pretrained(f"{tmp}/llm")
@@ -168,8 +152,7 @@ def jax_step_fn(model, batch):
 
     from alm_jax.config import OptimConfig
     from alm_jax.models.alm import split_trainable
-    from alm_jax.training.step import build_train_step, make_optimizer, make_schedule
-    from alm_jax.training.trainer import alm_loss
+    from alm_jax.training.step import TrainState, alm_loss, build_train_step, make_optimizer, make_schedule
 
     ocfg = OptimConfig(lr=1e-4, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=0, total_steps=1000, clip_norm=1.0)
     graphdef, trainable, frozen = split_trainable(model)
@@ -177,10 +160,10 @@ def jax_step_fn(model, batch):
     opt_state = jax.jit(tx.init)(trainable)                 # one device: no mesh, default placement
     step_fn = build_train_step(graphdef, tx, alm_loss, schedule=make_schedule(ocfg))
     data = jax.device_put(batch)
-    state = {"trainable": trainable, "opt": opt_state, "i": 0}
+    state = {"train": TrainState(trainable, opt_state), "i": 0}
 
     def step():
-        state["trainable"], state["opt"], m = step_fn(state["trainable"], state["opt"], frozen, data, state["i"])
+        state["train"], m = step_fn(state["train"], frozen, data, state["i"])
         state["i"] += 1
         return float(m["loss"])          # waits for the step
     return step

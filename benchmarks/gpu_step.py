@@ -12,8 +12,8 @@ attention, hidden 1280, 20 heads, ffn 3072, 64 queries per tap, softmax over the
 128256). Batch: `--batch` samples of `--text` text tokens plus the 64 audio tokens, and one 30 s
 waveform each (log-mel runs inside the step).
 
-The step is the trainer's (`build_train_step` + `trainer.alm_loss`): gradients for the connector only,
-AdamW, clipping, the non-finite guard. FLOPs per step come from `trainer.step_flops` (encoder forward
+The step is the trainer's (`build_train_step` + `step.alm_loss`): gradients for the connector only,
+AdamW, clipping, the non-finite guard. FLOPs per step come from `flops.step_flops` (encoder forward
 1x, connector 3x, frozen LLM 2x; see `alm_jax/training/flops.py`); MFU = FLOPs / step time / peak
 (dense bf16 peak of the device, `flops.peak_flops_per_device`; none for CPUs).
 """
@@ -80,16 +80,16 @@ def make_batch(batch: int, text: int, queries: int, vocab: int, seconds: float, 
     rng = np.random.default_rng(seed)
     seq = text + queries
     ids = rng.integers(0, vocab, size=(batch, seq + 1)).astype(np.int32)
-    slot = -np.ones((batch, seq), np.int32)
+    clip = -np.ones((batch, seq), np.int32)
+    pos = -np.ones((batch, seq), np.int32)
     start = min(16, text)
-    for b in range(batch):
-        slot[b, start:start + queries] = b * queries + np.arange(queries)
+    clip[:, start:start + queries], pos[:, start:start + queries] = 0, np.arange(queries)
     mask = np.zeros((batch, seq), np.float32)
     mask[:, start + queries:] = 1.0
     n = int(seconds * SR)
     audio = (0.1 * rng.standard_normal((batch, n))).astype(np.float32)
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-            "attention_mask": np.ones((batch, seq), np.int32), "audio_slot": slot, "audio": audio,
+            "attention_mask": np.ones((batch, seq), np.int32), "audio_clip": clip, "audio_pos": pos, "audio": audio,
             "audio_samples": np.full((batch,), n, np.int32)}
 
 
@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from alm_jax.config import OptimConfig
     from alm_jax.models.alm import split_trainable
-    from alm_jax.training.flops import peak_flops_per_device
-    from alm_jax.training.step import build_train_step, make_optimizer, make_schedule
-    from alm_jax.training.trainer import alm_loss, one_sample, step_flops
+    from alm_jax.training.flops import one_sample, peak_flops_per_device, step_flops
+    from alm_jax.training.step import TrainState, alm_loss, build_train_step, make_optimizer, make_schedule
 
     shape = dict(TINY if args.tiny else FULL)
     batch_size, text = args.batch or shape["batch"], args.text or shape["text"]
@@ -137,18 +136,18 @@ def main(argv: list[str] | None = None) -> dict:
     graphdef, trainable, frozen = split_trainable(model)       # one device: no mesh, default placement
     del model
     tx = make_optimizer(ocfg)
-    opt_state = jax.jit(tx.init)(trainable)
+    state = TrainState(trainable, jax.jit(tx.init)(trainable))
     data = jax.device_put(batch)
     step_fn = build_train_step(graphdef, tx, alm_loss, schedule=make_schedule(ocfg))
 
     t0 = time.perf_counter()
     for i in range(2):                                                  # compile + warm-up
-        trainable, opt_state, m = step_fn(trainable, opt_state, frozen, data, i)
+        state, m = step_fn(state, frozen, data, i)
         m["loss"].block_until_ready()
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(args.steps):
-        trainable, opt_state, m = step_fn(trainable, opt_state, frozen, data, 2 + i)
+        state, m = step_fn(state, frozen, data, 2 + i)
     m["loss"].block_until_ready()
     step_s = (time.perf_counter() - t0) / args.steps
 

@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def fingerprint(batch, row: int) -> str:
-    """Identity of row `row` of a batch: its tokens, its audio clips, and the (global) audio-token slots
-    it reads, which depend on where the row sits in the global batch."""
+    """Identity of row `row` of a batch: its tokens, its audio clips, and which of its clips' tokens sit
+    where (row-local indices)."""
     audio = batch["audio"] if "audio" in batch else batch["audio_features"]
     clips = audio.shape[0] // batch["input_ids"].shape[0]
     h = hashlib.sha1(batch["input_ids"][row].tobytes())
     h.update(audio[row * clips:(row + 1) * clips].tobytes())
-    h.update(batch["audio_slot"][row].tobytes())
+    h.update(batch["audio_clip"][row].tobytes())
+    h.update(batch["audio_pos"][row].tobytes())
     return h.hexdigest()[:16]
 
 
@@ -46,6 +47,7 @@ def main():
     import numpy as np
 
     from alm_jax.errors import DataError
+    from alm_jax.evaluation import build_evaluators
     from alm_jax.training.trainer import train
     from tiny_setup import tiny_config
 
@@ -83,7 +85,8 @@ def main():
 
     shards = int(opts["data-shards"]) if opts.get("data-shards") else None
     try:
-        r = train(cfg, on_step=on_step, batch_transform=transform, data_shards=shards)
+        r = train(cfg, evaluators=build_evaluators(cfg, data_shards=shards), on_step=on_step,
+                  batch_transform=transform, data_shards=shards)
     except DataError as e:
         result.update(error=str(e), stopped_by="nonfinite")
         write()

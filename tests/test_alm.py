@@ -11,7 +11,7 @@ from alm_jax.config import ConnectorConfig, EncoderConfig, OptimConfig
 from alm_jax.models.alm import AudioLanguageModel, split_trainable
 from alm_jax.models.llm import DecoderLM, LLMConfig
 from alm_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
-from alm_jax.training.step import build_train_step, make_optimizer, masked_cross_entropy
+from alm_jax.training.step import TrainState, build_train_step, make_optimizer, masked_cross_entropy
 
 SR = 16000
 VOCAB = 64
@@ -56,23 +56,23 @@ def make_batch(model, waves, texts, seq_len=32):
     """One clip per row at the start of the sequence, then the target text tokens."""
     S = max(len(w) for w in waves)
     counts = [model.num_audio_tokens(len(w)) for w in waves]
-    max_tok = model.num_audio_tokens(S)
     B = len(waves)
     ids = np.zeros((B, seq_len), np.int32)
-    slot = -np.ones((B, seq_len), np.int32)
+    clip = -np.ones((B, seq_len), np.int32)
+    pos = -np.ones((B, seq_len), np.int32)
     tgt = np.zeros((B, seq_len), np.int32)
     mask = np.zeros((B, seq_len), np.float32)
     att = np.zeros((B, seq_len), np.int32)
     audio = np.zeros((B, S), np.float32)
     for b, (w, t, n) in enumerate(zip(waves, texts, counts)):
         audio[b, :len(w)] = w
-        slot[b, :n] = b * max_tok + np.arange(n)
+        clip[b, :n], pos[b, :n] = 0, np.arange(n)
         seq = [1] * n + list(t)
         ids[b, :len(seq)] = seq
         tgt[b, :len(seq) - 1] = seq[1:]
         mask[b, n - 1:len(seq) - 1] = 1.0
         att[b, :len(seq)] = 1
-    return {k: jnp.asarray(v) for k, v in dict(input_ids=ids, audio_slot=slot, targets=tgt, loss_mask=mask,
+    return {k: jnp.asarray(v) for k, v in dict(input_ids=ids, audio_clip=clip, audio_pos=pos, targets=tgt, loss_mask=mask,
                                                 attention_mask=att, audio=audio,
                                                 audio_samples=np.array([len(w) for w in waves], np.int32)).items()}
 
@@ -110,41 +110,45 @@ def test_multi_audio_splice_positions_and_causality():
     waves = [clips(1, 1, 0.3)[0], clips(1, 2, 0.5)[0], clips(1, 3, 0.4)[0]]
     counts = [model.num_audio_tokens(len(w)) for w in waves]
     S = max(len(w) for w in waves)
-    max_tok = model.num_audio_tokens(S)
     audio = np.zeros((3, S), np.float32)
     for i, w in enumerate(waves):
         audio[i, :len(w)] = w
     # one row: [t t] clip0 [t] clip1 [t t] clip2 [t t]
-    ids, slot = [5, 6], [-1, -1]
+    ids, clip, pos = [5, 6], [-1, -1], [-1, -1]
     starts = []
     for c, n in enumerate(counts):
         starts.append(len(ids))
         ids += [1] * n
-        slot += [c * max_tok + k for k in range(n)]
+        clip += [c] * n
+        pos += list(range(n))
         ids += [7, 8][: 1 + (c % 2)]
-        slot += [-1] * (1 + (c % 2))
+        clip += [-1] * (1 + (c % 2))
+        pos += [-1] * (1 + (c % 2))
     T = len(ids)
-    batch = {"input_ids": jnp.asarray([ids]), "audio_slot": jnp.asarray([slot]), "attention_mask": jnp.ones((1, T), jnp.int32),
+    batch = {"input_ids": jnp.asarray([ids]), "audio_clip": jnp.asarray([clip]), "audio_pos": jnp.asarray([pos]),
+             "attention_mask": jnp.ones((1, T), jnp.int32),
              "audio": jnp.asarray(audio), "audio_samples": jnp.asarray([len(w) for w in waves])}
     emb = model.embed_inputs(batch)[0]
     tokens = model.audio_tokens(batch["audio"], batch["audio_samples"])
     for c, (s, n) in enumerate(zip(starts, counts)):
         np.testing.assert_array_equal(np.asarray(emb[s:s + n]), np.asarray(tokens[c, :n]))
     text = model.llm.embed(batch["input_ids"])[0]
-    is_text = np.asarray(batch["audio_slot"][0]) < 0
+    is_text = np.asarray(batch["audio_clip"][0]) < 0
     np.testing.assert_array_equal(np.asarray(emb)[is_text], np.asarray(text)[is_text])
     # swapping clips 1 and 2 (different lengths) changes logits only from clip 1's span on
     logits = model(batch)[0]
     swapped_waves = [waves[0], waves[2], waves[1]]
     counts2 = [model.num_audio_tokens(len(w)) for w in swapped_waves]
-    ids2, slot2 = [5, 6], [-1, -1]
+    ids2, clip2, pos2 = [5, 6], [-1, -1], [-1, -1]
     for c, n in enumerate(counts2):
         ids2 += [1] * n
-        slot2 += [c * max_tok + k for k in range(n)]
+        clip2 += [c] * n
+        pos2 += list(range(n))
         ids2 += [7, 8][: 1 + (c % 2)]
-        slot2 += [-1] * (1 + (c % 2))
+        clip2 += [-1] * (1 + (c % 2))
+        pos2 += [-1] * (1 + (c % 2))
     audio2 = audio[[0, 2, 1]]
-    batch2 = {**batch, "input_ids": jnp.asarray([ids2]), "audio_slot": jnp.asarray([slot2]),
+    batch2 = {**batch, "input_ids": jnp.asarray([ids2]), "audio_clip": jnp.asarray([clip2]), "audio_pos": jnp.asarray([pos2]),
               "attention_mask": jnp.ones((1, len(ids2)), jnp.int32), "audio": jnp.asarray(audio2),
               "audio_samples": jnp.asarray([len(w) for w in swapped_waves])}
     logits2 = model(batch2)[0]
@@ -170,7 +174,8 @@ def test_one_step_changes_only_connector_and_frozen_have_no_optimizer_state():
     batch = make_batch(model, clips(4), [[10, 11, 12]] * 4)
     before_frozen = [np.asarray(x) for x in jax.tree.leaves(frozen)]
     before_train = [np.asarray(x) for x in jax.tree.leaves(trainable)]
-    new_t, new_opt, m = step(trainable, opt, frozen, batch, 0)
+    st, m = step(TrainState(trainable, opt), frozen, batch, 0)
+    new_t, new_opt = st.trainable, st.opt_state
     for a, b in zip(before_frozen, jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
     changed = sum(not np.array_equal(a, np.asarray(b)) for a, b in zip(before_train, jax.tree.leaves(new_t)))
@@ -192,7 +197,8 @@ def test_tiny_alm_overfits_a_batch(kind):
     batch = make_batch(model, clips(8, seed=3), texts)
     losses = []
     for i in range(300):
-        trainable, opt, m = step(trainable, opt, frozen, batch, i)
+        st, m = step(TrainState(trainable, opt), frozen, batch, i)
+        trainable, opt = st.trainable, st.opt_state
         losses.append(float(m["loss"]))
         if losses[-1] < 0.05:
             break
@@ -204,19 +210,20 @@ def test_generate_with_cache_equals_full_recomputation():
     model = make_model("alarm")
     waves = [clips(1, 5, 0.3)[0], clips(1, 6, 0.5)[0]]
     S = max(len(w) for w in waves)
-    max_tok = model.num_audio_tokens(S)
     rows = []
     for b, w in enumerate(waves):
         n = model.num_audio_tokens(len(w))
-        rows.append(([3, 4] + [1] * n + [5] * (b + 1), [-1, -1] + [b * max_tok + k for k in range(n)] + [-1] * (b + 1)))
+        rows.append(([3, 4] + [1] * n + [5] * (b + 1), [-1, -1] + list(range(n)) + [-1] * (b + 1)))
     T = max(len(r[0]) for r in rows)
-    ids = np.zeros((2, T), np.int32); slot = -np.ones((2, T), np.int32); att = np.zeros((2, T), np.int32)
-    for b, (i, s) in enumerate(rows):          # left padding
-        ids[b, T - len(i):], slot[b, T - len(i):], att[b, T - len(i):] = i, s, 1
+    ids = np.zeros((2, T), np.int32); pos = -np.ones((2, T), np.int32); att = np.zeros((2, T), np.int32)
+    for b, (i, p) in enumerate(rows):          # left padding
+        ids[b, T - len(i):], pos[b, T - len(i):], att[b, T - len(i):] = i, p, 1
+    clip = np.where(pos >= 0, 0, -1).astype(np.int32)   # each row's own clip 0
     audio = np.zeros((2, S), np.float32)
     for b, w in enumerate(waves):
         audio[b, :len(w)] = w
-    batch = {"input_ids": jnp.asarray(ids), "audio_slot": jnp.asarray(slot), "attention_mask": jnp.asarray(att),
+    batch = {"input_ids": jnp.asarray(ids), "audio_clip": jnp.asarray(clip), "audio_pos": jnp.asarray(pos),
+             "attention_mask": jnp.asarray(att),
              "audio": jnp.asarray(audio), "audio_samples": jnp.asarray([len(w) for w in waves], jnp.int32)}
     out = np.asarray(generate(model, batch, max_new_tokens=6))
     cur = dict(batch)
@@ -224,5 +231,6 @@ def test_generate_with_cache_equals_full_recomputation():
         nxt = np.asarray(jnp.argmax(model(cur)[:, -1], -1))
         np.testing.assert_array_equal(nxt, out[:, step])
         cur = {**cur, "input_ids": jnp.concatenate([cur["input_ids"], jnp.asarray(nxt[:, None], jnp.int32)], 1),
-               "audio_slot": jnp.concatenate([cur["audio_slot"], -jnp.ones((2, 1), jnp.int32)], 1),
+               "audio_clip": jnp.concatenate([cur["audio_clip"], -jnp.ones((2, 1), jnp.int32)], 1),
+               "audio_pos": jnp.concatenate([cur["audio_pos"], -jnp.ones((2, 1), jnp.int32)], 1),
                "attention_mask": jnp.concatenate([cur["attention_mask"], jnp.ones((2, 1), jnp.int32)], 1)}

@@ -8,7 +8,7 @@ from flax import nnx
 from alm_jax.config import OptimConfig
 from alm_jax.models.alm import split_trainable
 from alm_jax.models.lora import apply_lora
-from alm_jax.training.step import build_train_step, make_optimizer
+from alm_jax.training.step import TrainState, build_train_step, make_optimizer
 from test_alm import clips, loss_fn, make_batch, make_model
 
 
@@ -27,7 +27,8 @@ def test_one_step_with_lora_changes_connector_and_lora_only():
     batch = make_batch(model, clips(4), [[10, 11, 12]] * 4)
     frozen_before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
     flat_before = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainable)}
-    new_t, new_opt, m = step(trainable, opt, frozen, batch, 0)
+    st, m = step(TrainState(trainable, opt), frozen, batch, 0)
+    new_t, new_opt = st.trainable, st.opt_state
     assert int(m["skipped"]) == 0
     for a, b in zip(frozen_before, jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))

@@ -245,7 +245,7 @@ CROSS_MESH_CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from alm_jax.training.mesh import make_mesh
+    from alm_jax.sharding import make_mesh
     from alm_jax.training.checkpoint import Checkpointer, abstract_with_shardings
     assert jax.device_count() == 8
     def shard(tree, mesh, spec):

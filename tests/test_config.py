@@ -27,13 +27,21 @@ def test_yaml_and_overrides(tmp_path):
     ("optim.lr=abc", "optim.lr"),
     ("model.dtype=float16", "model.dtype"),
     ("mesh.fsdp=1.5", "mesh.fsdp"),
-    ("model.connector.kind=qformer", "choose one of"),
     ("nosection.x=1", "nosection"),
     ("steps", "key.path=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_unknown_connector_kind_fails_before_any_weight_is_read(tmp_path):
+    from alm_jax.data.pipeline import AudioSpec
+    from alm_jax.weights.alm_params import build_alm
+    cfg = load_config(None, ["model.connector.kind=qformer", f"model.llm={tmp_path / 'missing'}"])
+    for build in (lambda: build_alm(cfg.model), lambda: AudioSpec.from_config(cfg)):
+        with pytest.raises(ConfigError, match=r"model\.connector\.kind='qformer'.*choose one of \['alarm', "):
+            build()
 
 
 def test_bad_yaml_files(tmp_path):

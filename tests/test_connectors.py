@@ -20,7 +20,8 @@ from alm_jax.models.connectors import (
     CrossAttentionFusionConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig, Perceiver,
     PerceiverConfig, PerceiverFusion, PerceiverFusionConfig, PreNormDecoderLayer, QFormerConfig, QFormerConnector,
     QFormerStack, SumFusion, load_bert_qformer_weights)
-from alm_jax.training.mesh import LOGICAL_AXES
+from alm_jax.sharding import LOGICAL_AXES
+from alm_jax.testing.torch_desta import DestaConnector, bert_qformer
 
 TOL = 1e-4
 torch.manual_seed(0)
@@ -30,15 +31,8 @@ QCFG = QFormerConfig(taps=(1, 3, 4), n_queries=4, hidden=32, heads=4, intermedia
 
 
 def _bert(impl: str = "eager", layers: int = 2) -> BertEncoder:
-    cfg = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=layers,
-                     is_decoder=True, add_cross_attention=True, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, attn_implementation=impl)
-    enc = BertEncoder(cfg).eval()
-    with torch.no_grad():  # non-trivial LayerNorm affine params, so a swapped scale/bias would show
-        for name, p in enc.named_parameters():
-            if "LayerNorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return enc
+    # non-trivial LayerNorm affine params, so a swapped scale/bias would show
+    return bert_qformer(32, 4, 64, layers, attn_implementation=impl, layernorm_noise=0.1).eval()
 
 
 def _t(x) -> torch.Tensor:
@@ -106,28 +100,10 @@ def test_hf_sdpa_without_mask_is_causal_and_eager_is_not():
     assert _maxdiff(_np(plain(q, encoder_hidden_states=enc).last_hidden_state), _np(out_eager)) <= 1e-6
 
 
-class _TorchDestaConnector(torch.nn.Module):
-    """DeSTA2.5 `QformerConnector` forward, written from its description (queries per tap, shared
-    BertEncoder, per-query softmax over taps, LayerNorm + Linear)."""
-
-    def __init__(self, n_taps, n_queries, llm_dim):
-        super().__init__()
-        self.layer_prompts = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(1, n_queries, 32)) for _ in range(n_taps)])
-        self.layer_weights = torch.nn.Parameter(torch.randn(n_queries, n_taps))
-        self.qformer = _bert("eager")
-        self.proj = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, llm_dim))
-
-    def forward(self, taps):
-        outs = [self.qformer(p.expand(t.shape[0], -1, -1), encoder_hidden_states=t).last_hidden_state
-                for p, t in zip(self.layer_prompts, taps)]
-        outs = torch.stack(outs, 0).permute(1, 2, 0, 3)                      # b, q, taps, h
-        w = torch.softmax(self.layer_weights, dim=-1).unsqueeze(-1)
-        return self.proj((outs * w).sum(2))
-
-
 def test_qformer_connector_matches_desta_reference_and_imports_its_keys():
-    ref = _TorchDestaConnector(QCFG.n_taps, QCFG.n_queries, QCFG.llm_dim).eval()
+    ref = DestaConnector(n_taps=QCFG.n_taps, n_queries=QCFG.n_queries, hidden=QCFG.hidden, heads=QCFG.heads,
+                         intermediate=QCFG.intermediate, layers=QCFG.layers, llm_dim=QCFG.llm_dim,
+                         random_layer_weights=True, layernorm_noise=0.1).eval()
     with torch.no_grad():
         ref.proj[0].weight.add_(0.1 * torch.randn(32))
     ours = QFormerConnector(QCFG, rngs=nnx.Rngs(0))

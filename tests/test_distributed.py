@@ -29,7 +29,7 @@ WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from alm_jax.training.mesh import make_mesh, batch_sharding
+    from alm_jax.sharding import make_mesh, batch_sharding
     from alm_jax.training.checkpoint import Checkpointer, PreemptionGuard, abstract_with_shardings
 
     mesh = make_mesh(8, 1, 1)

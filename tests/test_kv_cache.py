@@ -8,7 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from alm_jax.models.llm import generate_greedy, load_llm
+from alm_jax.models.llm import generate_greedy
+from alm_jax.weights.llm_params import load_llm
 from hf_tiny_llm import jit_forward, left_padded_batch, save, tiny_hf_llm
 
 NEW = 16

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from alm_jax.errors import WeightImportError
-from alm_jax.models.llm import DecoderLM, LLMConfig, load_llm
+from alm_jax.models.llm import DecoderLM, LLMConfig
+from alm_jax.weights.llm_params import load_llm
 from hf_tiny_llm import jit_forward, left_padded_batch, save, tiny_hf_llm, torch_logits
 
 TOL = 1e-4

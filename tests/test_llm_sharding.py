@@ -11,8 +11,9 @@ SCRIPT = r"""
 import sys
 import jax, numpy as np
 from flax import nnx
-from alm_jax.models.llm import generate_greedy, load_llm
-from alm_jax.training.mesh import batch_sharding, make_mesh
+from alm_jax.models.llm import generate_greedy
+from alm_jax.weights.llm_params import load_llm
+from alm_jax.sharding import batch_sharding, make_mesh
 
 assert jax.device_count() == 8
 mesh = make_mesh(data=2, fsdp=2, tensor=2)

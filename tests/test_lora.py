@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from alm_jax.errors import ConfigError
 from alm_jax.models.layers import Linear
 from alm_jax.models.lora import LoRALinear, apply_lora, lora_layers, merge_lora, unmerge_lora
-from alm_jax.training.mesh import make_mesh, state_shardings
+from alm_jax.sharding import make_mesh, state_shardings
 
 
 class _Attention(nnx.Module):

@@ -49,7 +49,7 @@ def corpus(tmp_path_factory):
 
 
 def spec(pad=None):
-    return AudioSpec(tokens_for_samples=tokens_for_samples, max_audio_tokens=12, pad_to_seconds=pad, max_seconds=1.2)
+    return AudioSpec(tokens_for_samples=tokens_for_samples, pad_to_seconds=pad, max_seconds=1.2)
 
 
 def builder(tok, pad=None, seq_len=64, max_clips=1, **kw):
@@ -73,16 +73,17 @@ def first_batches(ds, n):
 def test_batch_shapes_mask_and_spans(corpus, demo_tokenizer):
     cfg = PipelineConfig(batch_size=4, seq_len=64)
     (b,), _ = first_batches(make_dataset([corpus.source], builder(demo_tokenizer), cfg), 1)
-    assert b["input_ids"].shape == b["targets"].shape == b["loss_mask"].shape == b["audio_slot"].shape == (4, 64)
+    assert b["input_ids"].shape == b["targets"].shape == b["loss_mask"].shape == b["audio_clip"].shape == (4, 64)
     assert b["audio"].shape == (4, int(1.2 * SR)) and b["audio_samples"].shape == (4,)
     eos = demo_tokenizer.eos_token_id
     for row in range(4):
-        slots = b["audio_slot"][row]
-        n_audio = int((slots >= 0).sum())
+        clip, pos = b["audio_clip"][row], b["audio_pos"][row]
+        n_audio = int((clip >= 0).sum())
         assert n_audio == tokens_for_samples(int(b["audio_samples"][row]))      # exact span length
-        span = np.flatnonzero(slots >= 0)
+        span = np.flatnonzero(clip >= 0)
         assert np.all(np.diff(span) == 1)                                        # one contiguous span
-        assert np.array_equal(slots[span], row * 12 + np.arange(n_audio))        # flat slot indices
+        assert np.array_equal(clip[span], np.zeros(n_audio)) and np.array_equal(pos[span], np.arange(n_audio))
+        assert (pos[clip < 0] == -1).all()                                       # row-local indices
         # the loss covers exactly the assistant answer + EOS
         learned = b["targets"][row][b["loss_mask"][row] > 0]
         assert learned[-1] == eos
@@ -104,11 +105,10 @@ def test_multi_clip_spans(tmp_path, demo_tokenizer):
     (b,), _ = first_batches(make_dataset([Corpus(tmp_path).source], builder(demo_tokenizer, seq_len=96, max_clips=3), cfg), 1)
     assert b["audio"].shape[0] == 6
     for row in range(2):
-        slots = b["audio_slot"][row]
+        clip, pos = b["audio_clip"][row], b["audio_pos"][row]
         for c in range(3):
-            flat = row * 3 + c
-            in_clip = (slots >= flat * 12) & (slots < (flat + 1) * 12)
-            assert in_clip.sum() == tokens_for_samples(int(b["audio_samples"][flat]))
+            n = tokens_for_samples(int(b["audio_samples"][row * 3 + c]))
+            assert np.array_equal(pos[clip == c], np.arange(n))                # clip c's whole span, in order
 
 
 RESUME_SCRIPT = textwrap.dedent("""
@@ -311,13 +311,12 @@ def test_host_features_batch_equals_device_log_mel(corpus, demo_tokenizer, pad):
 def test_alm_logits_equal_with_host_or_device_log_mel(demo_tokenizer, kind):
     from test_alm import VOCAB, make_model
     model = make_model(kind)
-    audio_spec = AudioSpec(tokens_for_samples=model.token_count, max_audio_tokens=model.num_audio_tokens(int(1.2 * SR)),
-                           pad_to_seconds=None, max_seconds=1.2)
+    audio_spec = AudioSpec(tokens_for_samples=model.token_rule, pad_to_seconds=None, max_seconds=1.2)
     records = [make_record(i, n_clips=2) for i in (1, 4)]
     batches = {}
     for host in (False, True):
         b = SampleBuilder(ChatTokenizer(demo_tokenizer), audio_spec, 160, 2, host_features=host)
-        batch = collate([b.build(r) for r in records], audio_spec.max_audio_tokens, audio_spec.buffer_samples)
+        batch = collate([b.build(r) for r in records], audio_spec.buffer_samples)
         batch["input_ids"] = batch["input_ids"] % VOCAB          # the tiny LLM's vocabulary
         batches[host] = {k: jnp.asarray(v) for k, v in batch.items()}
         prompts = collate_prompts(b, records)

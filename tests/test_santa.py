@@ -12,7 +12,7 @@ from flax import nnx
 
 from alm_jax.errors import CheckpointError, ConfigError
 from alm_jax.models.connectors import SantaBank, SantaConfig, SantaMemory, kmeans, l2_normalize, noise_injection
-from alm_jax.training.mesh import make_mesh, state_shardings
+from alm_jax.sharding import make_mesh, state_shardings
 
 
 def _unit(x):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from alm_jax.config import OptimConfig
 from alm_jax.models.layers import Embed, Linear, RMSNorm
-from alm_jax.training.step import build_train_step, make_optimizer, masked_cross_entropy, split_microbatches
+from alm_jax.training.step import TrainState, build_train_step, make_optimizer, masked_cross_entropy, split_microbatches
 
 
 class TinyLM(nnx.Module):
@@ -67,7 +67,8 @@ def test_only_trainable_params_change_and_frozen_have_no_optimizer_state():
     trainable, frozen, opt_state, step = _setup()
     frozen_before = jax.tree.map(np.asarray, frozen)
     trainable_before = jax.tree.map(np.asarray, trainable)
-    new_t, new_opt, m = step(trainable, opt_state, frozen, make_batch(0), 0)
+    st, m = step(TrainState(trainable, opt_state), frozen, make_batch(0), 0)
+    new_t, new_opt = st.trainable, st.opt_state
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(trainable_before), jax.tree.leaves(new_t))]
@@ -84,8 +85,10 @@ def test_grad_accumulation_equals_full_batch():
     batch = make_batch(1)
     t1, f1, o1, step1 = _setup(grad_accum=1)
     t4, f4, o4, step4 = _setup(grad_accum=4)
-    a, _, ma = step1(t1, o1, f1, batch, 0)
-    b, _, mb = step4(t4, o4, f4, batch, 0)
+    st_a, ma = step1(TrainState(t1, o1), f1, batch, 0)
+    a = st_a.trainable
+    st_b, mb = step4(TrainState(t4, o4), f4, batch, 0)
+    b = st_b.trainable
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -122,7 +125,8 @@ def test_nonfinite_batch_is_skipped():
     bad = make_batch(3)
     # poison the frozen embedding output via a NaN in the frozen state copy
     poisoned = jax.tree.map(lambda x: x * jnp.nan if x.ndim == 2 and x.shape[0] == 32 else x, frozen)
-    new_t, new_opt, m = step(trainable, opt_state, poisoned, bad, 0)
+    st, m = step(TrainState(trainable, opt_state), poisoned, bad, 0)
+    new_t, new_opt = st.trainable, st.opt_state
     assert int(m["skipped"]) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new_t)):
         np.testing.assert_array_equal(a, np.asarray(b))

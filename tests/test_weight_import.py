@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from alm_jax.errors import WeightImportError
-from alm_jax.models.llm import load_llm
+from alm_jax.weights.llm_params import load_llm
 from hf_tiny_llm import jit_forward, save, tiny_hf_llm
 
 IDS = np.arange(20, dtype=np.int32).reshape(2, 10)

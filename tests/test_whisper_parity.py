@@ -14,7 +14,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration, Whisper
 import alm_jax
 from alm_jax.errors import AudioError, ConfigError, WeightImportError
 from alm_jax.models.whisper import WhisperEncoderConfig
-from alm_jax.training.mesh import make_mesh
+from alm_jax.sharding import make_mesh
 
 TOL = 1e-4
 LAYERS = 3

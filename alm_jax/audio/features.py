@@ -62,6 +62,13 @@ def num_frames(samples: int, *, sample_rate: int = 16000, pad_to_seconds: float 
     return samples // HOP_LENGTH
 
 
+def encoder_frames(num_samples):
+    """Whisper-style encoder positions (stride-2 conv over log-mel frames) for `num_samples` valid 16 kHz
+    samples: `ceil((samples // 160) / 2)`. Works on ints and integer numpy/JAX arrays alike; the one
+    place this rule is written (connectors count their audio tokens from it)."""
+    return (num_samples // HOP_LENGTH + 1) // 2
+
+
 def window_samples(pad_to_seconds: float, sample_rate: int) -> int:
     """Samples in a fixed `pad_to_seconds` window (both log-mel implementations pad/crop to it)."""
     target = int(round(pad_to_seconds * sample_rate))

@@ -14,7 +14,8 @@
 A batch (numpy, leading axis = per-process batch B, C = max clips per sample, S = audio samples):
     input_ids `[B, T]` int32     targets `[B, T]` int32 (next token)     loss_mask `[B, T]` float32
     attention_mask `[B, T]` int32 (1 = real token)
-    audio_slot `[B, T]` int32: -1 for text, else (b * C + clip) * max_audio_tokens + token index
+    audio_clip `[B, T]` int32: -1 for text, else the clip (0..C-1) of this row whose token sits here
+    audio_pos `[B, T]` int32: -1 for text, else the token index within that clip's span
     audio `[B * C, S]` float32 waveforms (log-mel runs on device), audio_samples `[B * C]` int32 (valid
     samples, 0 = empty slot); with `host_features=True`, `audio_features [B * C, n_mels, frames]` instead.
 
@@ -27,6 +28,7 @@ weight) is used up; the others go on from where they were (each in its own per-e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -34,10 +36,12 @@ import grain
 import numpy as np
 
 from alm_jax.audio.features import log_mel_numpy
+from alm_jax.config import TrainConfig
 from alm_jax.data.bad_data import BadDataCounter, error_kind
 from alm_jax.data.records import Record
 from alm_jax.data.templates import ChatTokenizer
 from alm_jax.errors import AudioError, ConfigError, DataError
+from alm_jax.models.connectors import connector_class
 
 BAD = "__bad__"
 
@@ -47,13 +51,21 @@ class AudioSpec:
     """How clips are prepared for the encoders, and how many LLM tokens a clip becomes.
 
     `pad_to_seconds`: every clip is padded/cropped to exactly this length (DeSTA: 30 s). `None`: clips keep
-    their length (ALARM trim) inside a static buffer of `max_seconds`. `tokens_for_samples(n)` gives the
-    connector's exact token count for a clip of `n` valid samples (a picklable callable)."""
+    their length (ALARM trim) inside a static buffer of `max_seconds`. `tokens_for_samples(n)`: the
+    connector's exact token count for a clip of `n` valid samples (its picklable `TokenRule`). Build it
+    from a run config with `AudioSpec.from_config` (the one place that decides the buffer)."""
     tokens_for_samples: Callable[[int], int]
-    max_audio_tokens: int
     sample_rate: int = 16000
     pad_to_seconds: float | None = 30.0
     max_seconds: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "AudioSpec":
+        """The spec of a run: the connector kind's token rule, encoder 0's padding, `data.max_audio_seconds`."""
+        model = cfg.model
+        rule = connector_class(model.connector.kind).token_rule(model.connector, len(model.encoders))
+        return cls(tokens_for_samples=rule, pad_to_seconds=model.encoders[0].pad_to_seconds,
+                   max_seconds=cfg.data.max_audio_seconds)
 
     @property
     def buffer_samples(self) -> int:
@@ -125,10 +137,7 @@ class SampleBuilder:
             n = min(wave.size, spec.buffer_samples)
             parts.append(wave[:n])
             n_valid[c] = n
-            tokens = int(spec.tokens_for_samples(n))
-            if tokens > spec.max_audio_tokens:
-                raise _kind("too_long", f"clip needs {tokens} audio tokens > max_audio_tokens={spec.max_audio_tokens}")
-            spans.append(tokens)
+            spans.append(int(spec.tokens_for_samples(n)))
         if self.host_features:
             waves = np.zeros((self.max_clips, spec.buffer_samples), np.float32)
             for c, part in enumerate(parts):
@@ -192,18 +201,12 @@ def _collate_audio(samples: Sequence[dict[str, Any]], buffer_samples: int | None
     return {"audio": audio, "audio_samples": n_valid}
 
 
-def collate(samples: Sequence[dict[str, Any]], max_audio_tokens: int, buffer_samples: int | None = None
-            ) -> dict[str, np.ndarray]:
-    """Stacks samples into a batch and computes the flat `audio_slot` index (see module docstring).
+def collate(samples: Sequence[dict[str, Any]], buffer_samples: int | None = None) -> dict[str, np.ndarray]:
+    """Stacks samples into a batch (see module docstring; `audio_clip`/`audio_pos` stay row-local).
     Waveform samples are padded to `buffer_samples` (`AudioSpec.buffer_samples`); host log-mel samples
     (`audio_features`) are stacked as they are."""
-    B = len(samples)
-    out = {k: np.stack([s[k] for s in samples]) for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
-    C = samples[0]["audio_samples"].shape[0]
-    clip = np.stack([s["audio_clip"] for s in samples])
-    pos = np.stack([s["audio_pos"] for s in samples])
-    flat_clip = np.arange(B, dtype=np.int32)[:, None] * C + clip
-    out["audio_slot"] = np.where(clip >= 0, flat_clip * max_audio_tokens + pos, -1).astype(np.int32)
+    keys = ("input_ids", "targets", "loss_mask", "attention_mask", "audio_clip", "audio_pos")
+    out = {k: np.stack([s[k] for s in samples]) for k in keys}
     out.update(_collate_audio(samples, buffer_samples))
     return out
 
@@ -296,17 +299,8 @@ def make_dataset(sources: Sequence[Any], builder: SampleBuilder, cfg: PipelineCo
         # workers pass arrays under 64 KiB (token rows) through the queue, waveforms via shared memory
         it = grain.experimental.WithOptionsIterDataset(it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    collate_fn = _Collate(builder.audio.max_audio_tokens, builder.audio.buffer_samples)
+    collate_fn = functools.partial(collate, buffer_samples=builder.audio.buffer_samples)
     return _SkipBadAndBatch(it, cfg.batch_size, collate_fn, cfg.bad_fraction_limit, cfg.bad_min_seen)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Collate:
-    max_audio_tokens: int
-    buffer_samples: int
-
-    def __call__(self, samples):
-        return collate(samples, self.max_audio_tokens, self.buffer_samples)
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -318,7 +312,7 @@ def ensure_absl_flags_parsed() -> None:
 
 def collate_prompts(builder: SampleBuilder, records: Sequence[Record], seq_len: int | None = None) -> dict[str, np.ndarray]:
     """A left-padded generation batch for `records` whose messages end with a user turn (the model
-    answers): input_ids / attention_mask / audio_slot `[B, T]`, audio `[B * C, S]` (or audio_features
+    answers): input_ids / attention_mask / audio_clip / audio_pos `[B, T]`, audio `[B * C, S]` (or audio_features
     `[B * C, n_mels, frames]` with the builder's `host_features`), audio_samples `[B * C]`."""
     rows = []
     for r in records:
@@ -327,16 +321,16 @@ def collate_prompts(builder: SampleBuilder, records: Sequence[Record], seq_len: 
         s = builder.build_prompt(prompt)
         rows.append(s)
     T = seq_len or max(len(x["ids"]) for x in rows)
-    B, C = len(rows), builder.max_clips
-    max_tok = builder.audio.max_audio_tokens
+    B = len(rows)
     out = {"input_ids": np.full((B, T), builder.tok.pad_id, np.int32), "attention_mask": np.zeros((B, T), np.int32),
-           "audio_slot": -np.ones((B, T), np.int32)}
+           "audio_clip": -np.ones((B, T), np.int32), "audio_pos": -np.ones((B, T), np.int32)}
     for b, x in enumerate(rows):
         n = len(x["ids"])
         if n > T:
             raise DataError(f"prompt of {n} tokens exceeds seq_len={T}")
         out["input_ids"][b, T - n:] = x["ids"]
         out["attention_mask"][b, T - n:] = 1
-        out["audio_slot"][b, T - n:] = np.where(x["clip"] >= 0, (b * C + x["clip"]) * max_tok + x["pos"], -1)
+        out["audio_clip"][b, T - n:] = x["clip"]
+        out["audio_pos"][b, T - n:] = x["pos"]
     out.update(_collate_audio(rows, builder.audio.buffer_samples))
     return out

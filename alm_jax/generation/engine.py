@@ -42,7 +42,8 @@ from alm_jax.data.bad_data import data_error
 from alm_jax.data.corpus import write_corpus
 from alm_jax.data.records import Record
 from alm_jax.errors import AudioError, ConfigError, DataError
-from alm_jax.models.llm import generate_greedy, load_llm
+from alm_jax.models.llm import generate_greedy
+from alm_jax.weights.llm_params import load_llm
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 decoder pieces (rotary embeddings, masks, grouped-query attention, KV cache, SwiGLU MLP).
 
 Every parameter is created with `param(...)`, which records its logical axis names (mapped to mesh axes
-only in `alm_jax/training/mesh.py`). Kernels are stored `[in, out]`.
+only in `alm_jax/sharding.py`). Kernels are stored `[in, out]`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decoder-only language models of the Llama family: Llama (incl. Llama-3.1 `llama3` rope scaling),
 Qwen2/Qwen2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm, explicit head_dim), built from an HF config.
 
-    model = load_llm("path/to/hf_dir")                     # strict safetensors import
+    model = load_llm("path/to/hf_dir")          # alm_jax.load_llm (weights/llm_params.py): strict import
     logits = model(input_ids, attention_mask=mask)         # [batch, time, vocab] float32
     new_tokens = generate_greedy(model, input_ids, mask, max_new_tokens=16)
 
@@ -17,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from alm_jax.errors import WeightImportError
 from alm_jax.models.layers import (ROPE_TYPES, Attention, Embed, KVCache, Linear, RMSNorm, SwiGLU, causal_mask,
@@ -255,22 +253,3 @@ def greedy_decode(model: DecoderLM, inputs_embeds: jax.Array, mask: jax.Array, *
 
     carry = (jnp.int32(1), token, cache, out, token == fill)
     return jax.lax.while_loop(unfinished, decode_one, carry)[3]
-
-
-def load_llm(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> DecoderLM:
-    """A `DecoderLM` from a local HF directory (config.json + safetensors), parameters stored in `dtype`
-    and, with `mesh`, placed with the shardings their logical axes map to.
-
-    Tied models: `lm_head.weight`, when the file has it, is not loaded but must equal the embedding
-    (otherwise the config's tie_word_embeddings is wrong and this raises `WeightImportError`).
-    """
-    from alm_jax.weights.hf_import import import_weights, read_config
-    from alm_jax.weights.llm_params import ignored_keys, rules_for, verify_tied_head
-
-    cfg = LLMConfig.from_hf(read_config(path))
-    model = import_weights(lambda: DecoderLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), path,
-                           rules_for(cfg), dtype=dtype, mesh=mesh, ignore=ignored_keys(cfg),
-                           family=f"llm ({cfg.model_type})")
-    if cfg.tie_word_embeddings:
-        verify_tied_head(path)
-    return model

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
 
 from alm_jax.errors import AudioError, ConfigError
 from alm_jax.models.layers import Conv1d, LayerNorm, Linear, param
@@ -209,16 +207,3 @@ class WhisperEncoder(nnx.Module):
         last = self.layer_norm(x)
         hidden[-1] = last
         return WhisperEncoderOutput(last_hidden_state=last, hidden_states=tuple(hidden), block_outputs=tuple(blocks))
-
-
-def load_whisper_encoder(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> WhisperEncoder:
-    """The encoder of a local HF Whisper directory (WhisperModel or WhisperForConditionalGeneration,
-    safetensors), parameters stored in `dtype` (frozen), placed on `mesh` by their logical axes if given.
-    Decoder weights are skipped; any other unexpected, missing or mis-shaped key raises WeightImportError."""
-    from alm_jax.weights.hf_import import import_weights, read_config
-    from alm_jax.weights.whisper_params import ENCODER_IGNORE, ENCODER_RULES
-
-    cfg = WhisperEncoderConfig.from_hf(read_config(path))
-    return import_weights(lambda: WhisperEncoder(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
-                          path, ENCODER_RULES, dtype=dtype, mesh=mesh, ignore=ENCODER_IGNORE,
-                          family="whisper encoder")

@@ -206,9 +206,6 @@ class Checkpointer:
         """True while an async save is still being written."""
         return self._mngr.is_saving_in_progress()
 
-    def should_save(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0 and step not in self._mngr.all_steps()
-
     # ---- save
 
     def save(self, step: int, state, data_state=None, force: bool = False) -> bool:
@@ -275,13 +272,15 @@ class Checkpointer:
                                   f"available steps: {steps or 'none'}")
         return int(step)
 
-    def restore(self, step: int | None, abstract_state, data_iterator=None):
+    def restore(self, step: int | None, abstract_state, data_iterator=None, *, only: str | None = None):
         """Restores `(state, data_state)` from `step` (None = latest).
 
         abstract_state: pytree of `jax.ShapeDtypeStruct` with the target shardings (any mesh).
         data_iterator: a Grain DatasetIterator to restore in place (its state is also returned as
         `data_state`). Without it, `data_state` is the saved dict (JSON item or this process's Grain
         state), or None when the step has no data state.
+        only: restore just this key of the saved state dict (e.g. "trainable"), which `abstract_state` then
+        describes; the rest (e.g. the optimizer state) is not read.
         Raises CheckpointError when the step is missing, corrupt or does not match `abstract_state`."""
         step = self._check_step(step)
         step_dir = self._step_dir(step)
@@ -295,12 +294,17 @@ class Checkpointer:
         stored_tree = getattr(stored, "tree", stored)
         if stored_tree is None:
             raise CheckpointError(f"checkpoint {step_dir}/{STATE} has no readable metadata (corrupt?)")
-        diff = _describe_mismatch(stored_tree, abstract_state)
+        if only is not None:
+            if not isinstance(stored_tree, Mapping) or only not in stored_tree:
+                raise CheckpointError(f"checkpoint {step_dir} has no {only!r} in its state; it was not written "
+                                      "by the alm_jax trainer")
+            stored_tree, abstract_state = stored_tree[only], {only: abstract_state}
+        diff = _describe_mismatch(stored_tree, abstract_state[only] if only is not None else abstract_state)
         if diff:
             raise CheckpointError(f"checkpoint {step_dir} does not match the model/optimizer state: {diff}. "
                                   "Resume with the same model, LoRA and optimizer config, or start fresh.")
 
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        items = {STATE: ocp.args.StandardRestore(abstract_state, strict=only is None)}
         has_grain, has_json = (step_dir / DATA).is_dir(), (step_dir / DATA_JSON).is_dir()
         if data_iterator is not None:
             if has_grain:
@@ -326,7 +330,7 @@ class Checkpointer:
             data_state = data_iterator.get_state()
         elif has_grain:
             data_state = self._read_grain_state(step_dir)
-        return out[STATE], data_state
+        return (out[STATE] if only is None else out[STATE][only]), data_state
 
     @staticmethod
     def _read_grain_state(step_dir: Path) -> dict | None:
@@ -449,3 +453,19 @@ class PreemptionGuard:
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
         return bool(np.asarray(flags).any())
+
+
+def restore_params(model, directory: str | Path, step: int | None = None):
+    """`model` (an `AudioLanguageModel` built from the run's config) with its trained weights (connector +
+    LoRA) read from the training checkpoint in `directory` at `step` (None = latest), in place; no optimizer
+    is built and the optimizer state is not read. Returns `(model, step)`."""
+    from flax import nnx
+
+    from alm_jax.models.alm import split_trainable
+    _, trainable, _ = split_trainable(model)
+    reader = Checkpointer(directory, read_only=True)
+    step = reader._check_step(step)
+    restored, _ = reader.restore(step, abstract_with_shardings(trainable), only="trainable")
+    reader.close()
+    nnx.update(model, restored)
+    return model, step

@@ -32,7 +32,8 @@ Conventions (all counts are exact Python ints for one sample):
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence
+import math
+from typing import Any, Iterable, Literal, Sequence
 
 # Dense bf16 peak FLOP/s per device (chip). None: not reported.
 PEAK_BF16_FLOPS: dict[str, float | None] = {
@@ -148,3 +149,108 @@ def llm_layer_shapes(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; known: {sorted(table)}")
     return [table[t] for t in targets]
+
+
+# ------------------------------------------------------------------------------------------- traced programs
+# A connector of any kind is counted from its traced program: the matmuls of the whole forward minus those
+# of the encoders, the log-mel filterbank and the LLM traced alone on the same shapes.
+
+def matmul_flops(jaxpr) -> int:
+    """FLOPs of every `dot_general` (2 * output size * contracted size) and convolution in a (closed)
+    jaxpr, nested calls included (a scan's body counts `length` times)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
+        elif name == "conv_general_dilated":
+            rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
+            per_out = rhs[spec[1]] * math.prod(rhs[i] for i in spec[2:])   # in channels (per group) x kernel
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_out
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in _sub_jaxprs(eqn.params):
+            total += times * matmul_flops(sub)
+    return total
+
+
+def _sub_jaxprs(params):
+    """The (closed) jaxprs among an equation's parameters (pjit, scan, cond branches, custom_vjp, remat)."""
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
+                yield v
+
+
+def _abstract(tree):
+    import jax
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _encoder_layers_run(model, i: int) -> int:
+    """Blocks of encoder i that the model runs: up to the deepest state entry its connector reads (XLA
+    drops the rest). Entry t is block t's output ("blocks") or hidden state t (0 = embeddings, "hf")."""
+    blocks = model.encoder_cfgs[i].tap_indexing == "blocks"
+    return max(t + 1 if blocks else t for t in model.connector.encoder_taps[i])
+
+
+def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]:
+    """Trainable-aware model FLOPs of one training step of `batch_size` samples shaped like `sample` (one
+    sample's batch: arrays or `jax.ShapeDtypeStruct`s, leading axis 1 for text keys and C clips for audio
+    keys). Returns the forward FLOPs of the whole batch by part, `{'encoder', 'connector', 'llm', 'lora'}`,
+    and `'train'`, the step total with the multipliers of `flops.alm_train_flops` (see the module doc).
+
+    Encoder and LLM are counted from their configs (`training/flops.py`). The connector (any kind) is
+    what remains of the matmul FLOPs of the traced forward after the encoders, the log-mel filterbank
+    and the LLM (all traced alone, on the same shapes) are taken out."""
+    import jax
+    from flax import nnx
+
+    from alm_jax.audio.features import log_mel
+    from alm_jax.models.lora import lora_layers
+
+    graphdef, state = nnx.split(model)
+    params = _abstract(state)
+    sample = _abstract(dict(sample))
+    clips = sample["audio_samples"].shape[0]
+    text_len = sample["input_ids"].shape[1]
+    trace = lambda f, *args: matmul_flops(jax.make_jaxpr(f)(params, *args))   # noqa: E731
+    used = range(len(model.connector.encoder_taps))
+
+    encoder = taken = 0
+    for i in used:
+        c, ecfg = model.encoders[i].config, model.encoder_cfgs[i]
+        if "audio_features" in sample:
+            feats = sample["audio_features"]
+        else:
+            def mel(st, a, c=c, e=ecfg):
+                return log_mel(a, n_mels=c.num_mel_bins, pad_to_seconds=e.pad_to_seconds)
+            feats = jax.eval_shape(mel, params, sample["audio"])
+            taken += trace(mel, sample["audio"])
+        feats = jax.ShapeDtypeStruct(feats.shape, model.encoders[i].dtype)
+        taken += trace(lambda st, x, i=i: nnx.merge(graphdef, st).encoders[i](x), feats)
+        frames = -(-feats.shape[2] // 2)
+        encoder += encoder_forward_flops(_encoder_layers_run(model, i), c.d_model, c.encoder_ffn_dim,
+                                           c.encoder_attention_heads, c.num_mel_bins, frames)
+    lc = model.llm.cfg
+    embeds = jax.ShapeDtypeStruct((1, text_len, lc.hidden_size), model.dtype)
+    mask = sample.get("attention_mask")
+    taken += trace(lambda st, e, m: nnx.merge(graphdef, st).llm(inputs_embeds=e, attention_mask=m), embeds, mask)
+    connector = trace(lambda st, b: nnx.merge(graphdef, st)(b), sample) - taken
+    llm = transformer_forward_flops(lc.num_layers, lc.hidden_size, lc.intermediate_size, lc.num_heads,
+                                      lc.num_kv_heads, lc.head_dim, text_len, lc.vocab_size)
+    lora = sum(lora_forward_flops(text_len, [(l.base.in_features, l.base.out_features)], l.rank)
+               for _, l in lora_layers(model.llm))
+    out = {"encoder": batch_size * encoder, "connector": batch_size * connector, "llm": batch_size * llm,
+           "lora": batch_size * lora}
+    out["train"] = alm_train_flops(out["encoder"], out["connector"], out["llm"], lora_fwd=out["lora"])
+    return out
+
+
+def one_sample(batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one sample of a pipeline batch (every leading axis divided by the batch size)."""
+    import jax
+    b = batch["input_ids"].shape[0]
+    return {k: jax.ShapeDtypeStruct((v.shape[0] // b, *v.shape[1:]), v.dtype) for k, v in batch.items()}

@@ -51,27 +51,26 @@ class StepTimer:
 
     def fetch(self, iterator: Iterator):
         """`next(iterator)`, timed as data wait (StopIteration passes through)."""
-        t = time.perf_counter()
-        try:
+        with self.data():
             return next(iterator)
-        finally:
-            self.last_data_wait = time.perf_counter() - t
 
-    @contextlib.contextmanager
     def data(self):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.last_data_wait = time.perf_counter() - t
+        """Context manager: the time inside it becomes `last_data_wait`."""
+        return self._timed("last_data_wait")
+
+    def step(self):
+        """Context manager: the time inside it becomes `last_step`."""
+        return self._timed("last_step")
 
     @contextlib.contextmanager
-    def step(self):
+    def _timed(self, attr: str):
+        """The one timing piece: stores the wall time spent inside the block in `self.<attr>`, also when
+        the block raises."""
         t = time.perf_counter()
         try:
             yield
         finally:
-            self.last_step = time.perf_counter() - t
+            setattr(self, attr, time.perf_counter() - t)
 
 
 # ------------------------------------------------------------------------------------------- aggregates

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from alm_jax.config import OptimConfig
 from alm_jax.errors import ConfigError
@@ -34,6 +34,25 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def alm_loss(model, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
+    """The ALM's loss (a `LossFn`): token-summed cross-entropy of `model(batch)` over the loss mask, and
+    the token count."""
+    s, n = masked_cross_entropy(model(batch), batch["targets"], batch["loss_mask"])
+    return s, n, {}
+
+
+@struct.dataclass
+class TrainState:
+    """What a training step updates: the trainable parameters (connector + LoRA, an `nnx.State`) and their
+    optimizer state. Frozen weights travel separately (never donated, never saved)."""
+    trainable: Any
+    opt_state: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        """The checkpointed form: `{"trainable", "opt_state"}`."""
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -70,7 +89,8 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
 def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *, grad_accum: int = 1,
                      schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
-    """Returns `step(trainable, opt_state, frozen, batch, step_index) -> (trainable, opt_state, metrics)`.
+    """Returns `step(state: TrainState, frozen, batch, step_index) -> (state, metrics)`, jitted (the state
+    donated unless `donate=False`).
 
     Gradients are summed over microbatches and divided by the total loss-token count, so accumulation
     over n microbatches equals one big batch exactly (up to float summation order). A non-finite loss or
@@ -85,7 +105,8 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         (loss_sum, (n_tok, aux)), g = jax.value_and_grad(f, has_aux=True)(trainable)
         return loss_sum, n_tok, g, aux
 
-    def step(trainable, opt_state, frozen, batch, step_index):
+    def step(state: TrainState, frozen, batch, step_index):
+        trainable, opt_state = state.trainable, state.opt_state
         if grad_accum == 1:
             loss_sum, n_tok, g, aux = grads_of(trainable, frozen, batch)
         else:
@@ -110,9 +131,9 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n_tok, "skipped": 1 - ok.astype(jnp.int32), **aux}
         if schedule is not None:
             metrics["lr"] = schedule(step_index)
-        return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
+        return TrainState(keep(new_trainable, trainable), keep(new_opt, opt_state)), metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
 def build_eval_step(graphdef, loss_fn: LossFn) -> Callable:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alm_jax.errors import WeightImportError
+from alm_jax.errors import ConfigError, WeightImportError
 from alm_jax.weights.ct2 import convert_ct2_whisper_to_hf
 from alm_jax.weights.gguf import convert_gguf_to_hf
 
@@ -215,3 +215,29 @@ def prepare_demo(home: str | Path | None = None, *, force: bool = False, verbose
         )
     log(f"ready in {time.perf_counter() - t0:.1f} s")
     return DemoModels(root=models, llm=llm, whisper=whisper)
+
+
+DEMO_PREFIX = "demo:"
+
+
+def resolve_demo_paths(cfg, home: str | Path | None = None):
+    """`cfg` (a TrainConfig) with every `demo:<name>` model path (model.llm, model.encoders[*].path)
+    replaced by the converted bundled model directory, converting them first if needed. Called once, at
+    the command boundary (`alm train`, `alm demo`, `alm eval`); the trainer itself never converts models."""
+    import dataclasses
+    paths = [cfg.model.llm, *(e.path for e in cfg.model.encoders)]
+    if not any(p.startswith(DEMO_PREFIX) for p in paths):
+        return cfg
+    models = prepare_demo(home, verbose=False)
+    table = {LLM_DIRNAME: str(models.llm), WHISPER_DIRNAME: str(models.whisper)}
+
+    def one(path: str) -> str:
+        if not path.startswith(DEMO_PREFIX):
+            return path
+        name = path[len(DEMO_PREFIX):]
+        if name not in table:
+            raise ConfigError(f"unknown demo model {path!r}; choose one of {[DEMO_PREFIX + k for k in table]}")
+        return table[name]
+    encoders = tuple(dataclasses.replace(e, path=one(e.path)) for e in cfg.model.encoders)
+    model = dataclasses.replace(cfg.model, llm=one(cfg.model.llm), encoders=encoders)
+    return dataclasses.replace(cfg, model=model)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from alm_jax.errors import WeightImportError
-from alm_jax.training.mesh import state_shardings
+from alm_jax.sharding import state_shardings
 
 Transform = Callable[[np.ndarray], np.ndarray]
 

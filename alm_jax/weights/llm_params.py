@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
 from alm_jax.errors import WeightImportError
-from alm_jax.models.llm import LLMConfig
-from alm_jax.weights.hf_import import Rule, iter_tensors, transpose
+from alm_jax.models.llm import DecoderLM, LLMConfig
+from alm_jax.weights.hf_import import Rule, import_weights, iter_tensors, read_config, transpose
 
 LAYER = r"model\.layers\.(\d+)\."
 EMBED_KEY = "model.embed_tokens.weight"
@@ -60,3 +63,19 @@ def verify_tied_head(model_dir: str | Path) -> None:
     if TIED_HEAD_KEY in found and EMBED_KEY in found and not np.array_equal(found[TIED_HEAD_KEY], found[EMBED_KEY]):
         raise WeightImportError(f"{model_dir}: config.json says tie_word_embeddings=true but {TIED_HEAD_KEY!r} differs "
                                 f"from {EMBED_KEY!r}; set tie_word_embeddings to false to load the separate head")
+
+
+def load_llm(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> DecoderLM:
+    """A `DecoderLM` from a local HF directory (config.json + safetensors), parameters stored in `dtype`
+    and, with `mesh`, placed with the shardings their logical axes map to.
+
+    Tied models: `lm_head.weight`, when the file has it, is not loaded but must equal the embedding
+    (otherwise the config's tie_word_embeddings is wrong and this raises `WeightImportError`).
+    """
+    cfg = LLMConfig.from_hf(read_config(path))
+    model = import_weights(lambda: DecoderLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), path,
+                           rules_for(cfg), dtype=dtype, mesh=mesh, ignore=ignored_keys(cfg),
+                           family=f"llm ({cfg.model_type})")
+    if cfg.tie_word_embeddings:
+        verify_tied_head(path)
+    return model

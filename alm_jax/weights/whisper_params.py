@@ -7,9 +7,15 @@ Accepts both checkpoint layouts: `encoder.*` (WhisperModel) and `model.encoder.*
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from alm_jax.weights.hf_import import Rule, identity, transpose
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from alm_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from alm_jax.weights.hf_import import Rule, identity, import_weights, read_config, transpose
 
 _P = r"(?:model\.)?encoder\."  # the one encoder prefix, with or without the `model.` wrapper
 _L = _P + r"layers\.(\d+)\."
@@ -43,3 +49,13 @@ ENCODER_IGNORE: tuple[str, ...] = (
     r"(?:model\.)?decoder\..*",
     r"proj_out\.weight",
 )
+
+
+def load_whisper_encoder(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> WhisperEncoder:
+    """The encoder of a local HF Whisper directory (WhisperModel or WhisperForConditionalGeneration,
+    safetensors), parameters stored in `dtype` (frozen), placed on `mesh` by their logical axes if given.
+    Decoder weights are skipped; any other unexpected, missing or mis-shaped key raises WeightImportError."""
+    cfg = WhisperEncoderConfig.from_hf(read_config(path))
+    return import_weights(lambda: WhisperEncoder(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
+                          path, ENCODER_RULES, dtype=dtype, mesh=mesh, ignore=ENCODER_IGNORE,
+                          family="whisper encoder")

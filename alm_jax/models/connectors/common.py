@@ -1,7 +1,7 @@
 """Pieces shared by the connectors: multi-head attention, 1-D convolution, BatchNorm over channels,
 softmax layer averaging, tap selection, dropout helpers.
 
-All parameters carry logical axes from `alm_jax/training/mesh.py` (connector weights use the `conn_*`
+All parameters carry logical axes from `alm_jax/sharding.py` (connector weights use the `conn_*`
 names, which are replicated by default). Kernels are stored `[in, out]` (conv: `[kernel, in, out]`).
 """
 

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alm_jax.audio.features import encoder_frames
+from alm_jax.config import ConnectorConfig
 from alm_jax.errors import CheckpointError, ConfigError
+from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule
 from alm_jax.models.connectors.common import MultiHeadAttention, apply_dropout, make_dropout
 from alm_jax.models.layers import LayerNorm, Linear, param
 
@@ -287,3 +290,28 @@ class SantaMemory(nnx.Module):
         except Exception as e:  # safetensors header/format errors
             raise CheckpointError(f"cannot read Santa memory file {path}: {e}") from e
         return mem
+
+
+class MatsConnector(Connector):
+    """Registry kind `mats`: encoder 0's last state entry, mean-pooled over the clip's valid frames
+    `[N, enc_dim]` -> `ClipCapMapper` -> `[N, mapper_tokens, llm_dim]` (fixed count per clip)."""
+    kind = "mats"
+
+    @classmethod
+    def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
+        return TokenRule(fixed=cc.mapper_tokens)
+
+    def __init__(self, cc: ConnectorConfig, encoders, llm_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        enc: EncoderInfo = encoders[0]
+        self.encoder_taps = ((enc.n_entries - 1,),)
+        mcfg = ClipCapMapperConfig(clip_dim=enc.dim, d=cc.hidden or enc.dim, clip_length=cc.mapper_tokens,
+                                   prefix_length=cc.mapper_tokens, layers=cc.num_layers, heads=cc.num_heads,
+                                   llm_dim=llm_dim)
+        self.mapper = ClipCapMapper(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
+        last = states[0][-1]
+        valid = (jnp.arange(last.shape[1])[None] < encoder_frames(audio_samples)[:, None]).astype(jnp.float32)
+        pooled = (last.astype(jnp.float32) * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+        return self.mapper(pooled)

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alm_jax.config import ConnectorConfig
 from alm_jax.errors import ConfigError, WeightImportError
+from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule
 from alm_jax.models.connectors.common import (
     MultiHeadAttention, apply_dropout, check_last_dim, gelu, make_dropout, select_taps)
 from alm_jax.models.layers import LayerNorm, Linear, param
@@ -239,3 +241,26 @@ def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch
         x = x.detach().cpu().float().numpy()
     return np.asarray(x, dtype=np.float32)
+
+
+class DestaConnector(Connector):
+    """Registry kind `desta`: the DeSTA2.5 Q-Former on encoder 0's tapped states -> `[N, num_queries,
+    llm_dim]` (a fixed count per clip, whatever its length)."""
+    kind = "desta"
+
+    @classmethod
+    def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
+        return TokenRule(fixed=cc.num_queries)
+
+    def __init__(self, cc: ConnectorConfig, encoders: Sequence[EncoderInfo], llm_dim: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        enc = encoders[0]
+        hidden = cc.hidden or enc.dim
+        qcfg = QFormerConfig(taps=enc.taps, n_queries=cc.num_queries, hidden=hidden, heads=cc.num_heads,
+                             intermediate=cc.intermediate or 4 * hidden, layers=cc.num_layers, enc_dim=enc.dim,
+                             llm_dim=llm_dim, dropout=0.0, attention_dropout=0.0)
+        self.encoder_taps = (enc.taps,)
+        self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
+        return self.net(states[0])

@@ -125,3 +125,28 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a batch-major array: the batch axis over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def mesh_from_config(cfg) -> Mesh:
+    """The run's mesh from a `MeshConfig`: `mesh.data` (times `mesh.dcn_data`), `mesh.fsdp`, `mesh.tensor`."""
+    data = cfg.data * cfg.dcn_data if cfg.data != -1 else -1
+    return make_mesh(data, cfg.fsdp, cfg.tensor)
+
+
+def host_scalars(tree: dict) -> dict[str, float]:
+    """Replicated scalar outputs -> Python floats (reads this process's copy: works multi-process)."""
+    return {k: float(np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)) for k, v in tree.items()}
+
+
+def place_on_mesh(tree, mesh: Mesh):
+    """Leaves not yet laid out on `mesh` (e.g. the optimizer's step counters, which `tx.init` creates
+    on one device) become replicated on it, so a jitted step sees the same input shardings at every call
+    (otherwise its second call compiles again). Works multi-process: built from each process's copy."""
+    rep = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
+    return jax.tree.map(one, tree)

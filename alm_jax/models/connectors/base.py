@@ -1,0 +1,66 @@
+"""The one shape every connector has, and the one rule from valid audio samples to audio tokens.
+
+A connector kind is a class registered in `alm_jax/models/connectors/__init__.py::CONNECTORS`:
+
+    cls.token_rule(cc, n_encoders) -> TokenRule   # audio tokens of a clip, from the config alone
+    cls(cc, encoders, llm_dim, dtype=, param_dtype=, rngs=)   # encoders: EncoderInfo per configured encoder
+    conn.encoder_taps -> ((entry, ...), ...)      # per encoder it reads (0..k-1): the state entries it reads
+    conn(states, audio_samples) -> [N, M, llm_dim]
+
+`states[i]` is encoder i's list of per-layer states (each `[N, frames, enc_dim]`, the list the taps
+index), for every encoder the connector reads; `audio_samples [N]` are the clips' valid 16 kHz samples.
+Row n's first `token_rule(audio_samples[n])` outputs are its tokens (the rest is padding; `M` is whatever
+the clip buffer gives). The data pipeline reserves exactly `token_rule(samples)` placeholder positions
+per clip, so both sides count with the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Sequence
+
+import jax
+from flax import nnx
+
+from alm_jax.audio.features import encoder_frames
+from alm_jax.config import ConnectorConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRule:
+    """valid samples -> LLM tokens of one clip (picklable; ints or integer arrays).
+
+    `fixed > 0`: a query-based connector (DeSTA Q-Former, MATS mapper) gives `fixed` tokens whatever
+    the length. Otherwise: `ceil(encoder_frames / 2)` (the ALARM adapters downsample by 2) + `extra`
+    (boundary and fusion-prefix tokens)."""
+    fixed: int = 0
+    extra: int = 0
+
+    def __call__(self, num_samples):
+        if self.fixed > 0:
+            return self.fixed if isinstance(num_samples, int) else num_samples * 0 + self.fixed
+        return (encoder_frames(num_samples) + 1) // 2 + self.extra
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderInfo:
+    """What a connector needs to know of one frozen encoder: its width, the state entries its config taps
+    (resolved, non-negative) and how many entries its state list has."""
+    dim: int
+    taps: tuple[int, ...]
+    n_entries: int
+
+
+class Connector(nnx.Module):
+    """Base of every connector kind (see the module docstring). Subclasses set `kind`, `min_encoders`,
+    implement `token_rule` and `__call__`, and set `self.encoder_taps` in `__init__`."""
+    kind: ClassVar[str] = ""
+    min_encoders: ClassVar[int] = 1
+    encoder_taps: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
+        raise NotImplementedError
+
+    def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""PyTorch reference implementations for parity tests and benchmarks (torch, a `test` extra, imported only here)."""

@@ -1,0 +1,57 @@
+"""Builds an `AudioLanguageModel` from a `ModelConfig`: the one place an ALM is assembled.
+
+    model = build_alm(cfg.model, mesh=mesh, seed=cfg.seed)
+
+Frozen encoders and the LLM are imported strictly from local HF directories in the compute dtype (and
+placed on `mesh` by their logical axes); LoRA adapters are added when `lora.rank > 0`; the connector is
+the registered kind's class, fresh, in float32. `demo:` names must have been resolved already
+(`weights.demo_models.resolve_demo_paths`, done by every `alm` command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from alm_jax.config import ModelConfig
+from alm_jax.errors import ConfigError
+from alm_jax.models.alm import AudioLanguageModel
+from alm_jax.models.connectors import connector_class
+from alm_jax.models.lora import apply_lora
+from alm_jax.weights.demo_models import DEMO_PREFIX
+from alm_jax.weights.llm_params import load_llm
+from alm_jax.weights.whisper_params import load_whisper_encoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ENCODER_LOADERS = {"whisper": load_whisper_encoder}   # EncoderConfig.kind -> loader(dir, dtype=, mesh=)
+
+
+def model_dir(path: str, key: str) -> str:
+    """`path` if it is a local directory, else a `ConfigError` naming the config key and what to give."""
+    if path.startswith(DEMO_PREFIX):
+        raise ConfigError(f"{key}={path!r} is a demo model name that was not resolved; run through the `alm` "
+                          "command, or call alm_jax.weights.demo_models.resolve_demo_paths(cfg) first")
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={path!r} is not a directory; give a local Hugging Face model directory "
+                          "(or demo:smollm2-135m-instruct / demo:whisper-tiny.en)")
+    return path
+
+
+def build_alm(cfg: ModelConfig, *, mesh=None, seed: int = 0) -> AudioLanguageModel:
+    """Frozen encoders + LLM (compute dtype), LoRA if configured, and a fresh float32 connector."""
+    connector_class(cfg.connector.kind)   # an unknown kind fails before any weight is read
+    dtype = DTYPES[cfg.dtype]
+    llm = load_llm(model_dir(cfg.llm, "model.llm"), dtype=dtype, mesh=mesh)
+    encoders = []
+    for i, e in enumerate(cfg.encoders):
+        if e.kind not in ENCODER_LOADERS:
+            raise ConfigError(f"model.encoders.{i}.kind={e.kind!r}; choose one of {sorted(ENCODER_LOADERS)}")
+        encoders.append(ENCODER_LOADERS[e.kind](model_dir(e.path, f"model.encoders.{i}.path"), dtype=dtype, mesh=mesh))
+    rngs = nnx.Rngs(seed)
+    if cfg.lora.rank > 0:
+        apply_lora(llm, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   target_regex=cfg.lora.target, rngs=rngs)
+    return AudioLanguageModel(encoders, llm, cfg.connector, cfg.encoders, dtype=dtype, param_dtype=jnp.float32,
+                              rngs=rngs)
