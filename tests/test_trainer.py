@@ -67,6 +67,31 @@ def test_losses_are_pinned_bit_for_bit(tiny, tmp_path):
     r = run(tiny, tmp_path / "pinned", "none", "steps=10", "optim.total_steps=10", *_evals(tiny))
     assert r["losses"] == PINNED_LOSSES
     assert r["eval_losses"] == PINNED_EVAL_LOSSES
+    # the trained weights come back for inference without an optimizer: equal to the checkpoint's, and the
+    # held-out evaluator on them gives the step-10 eval the trainer logged
+    import jax
+    from flax import nnx
+
+    from alm_jax.evaluation import HeldOutLoss
+    from alm_jax.models.alm import split_trainable
+    from alm_jax.training.checkpoint import restore_params
+    from alm_jax.weights.alm_params import build_alm
+    cfg = tiny_config(_paths(tiny), tmp_path / "pinned", "steps=10", "optim.total_steps=10", *_evals(tiny))
+    model, step = restore_params(build_alm(cfg.model, seed=cfg.seed), cfg.checkpoint.dir)
+    saved = _state(Path(cfg.checkpoint.dir), 10)["trainable"]
+    def leaves(tree):   # path (as strings, without nnx's "value" level) -> array
+        return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path if getattr(k, "key", None) != "value"):
+                np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    ours, theirs = leaves(nnx.to_pure_dict(split_trainable(model)[1])), leaves(saved)
+    assert step == 10 and ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert HeldOutLoss(cfg, cfg.eval.corpus, batches=2).run(model) == {"eval/loss": PINNED_EVAL_LOSSES[10]}
+    # the same through the command: `alm eval` reads the run config from the checkpoint
+    out = subprocess.run([sys.executable, "-m", "alm_jax.cli", "eval", cfg.checkpoint.dir, "--suite", "loss",
+                          "--batches", "2", "--batch-size", "8", "--out", str(tmp_path / "eval")],
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "loss.json").read_text())
+    assert report == {cfg.checkpoint.dir: {"step": 10, "eval/loss": PINNED_EVAL_LOSSES[10]}}
 
 
 @pytest.mark.slow

@@ -141,9 +141,10 @@ def splice_audio(text: jax.Array, tokens: jax.Array, clip: jax.Array, pos: jax.A
     """text `[B, T, d]`, audio tokens `[B * C, M, d]`, row-local clip / token indices `[B, T]` (-1 = text)
     -> `[B, T, d]` with position (b, t) replaced by `tokens[b * C + clip, pos]` where `clip >= 0`."""
     b = text.shape[0]
-    per_row = tokens.shape[0] // b
-    n = jnp.arange(b, dtype=jnp.int32)[:, None] * per_row + jnp.maximum(clip, 0)
-    picked = tokens.astype(text.dtype)[n, jnp.maximum(pos, 0)]
+    n_clips, per_clip = tokens.shape[0] // b, tokens.shape[1]
+    row = jnp.arange(b, dtype=jnp.int32)[:, None]
+    slot = jnp.where(clip >= 0, (row * n_clips + clip) * per_clip + pos, 0)       # into the flat token list
+    picked = jnp.take(tokens.reshape(-1, tokens.shape[-1]).astype(text.dtype), slot, axis=0)
     return jnp.where((clip >= 0)[..., None], picked, text)
 
 

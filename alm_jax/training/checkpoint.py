@@ -280,7 +280,7 @@ class Checkpointer:
         `data_state`). Without it, `data_state` is the saved dict (JSON item or this process's Grain
         state), or None when the step has no data state.
         only: restore just this key of the saved state dict (e.g. "trainable"), which `abstract_state` then
-        describes; the rest (e.g. the optimizer state) is not read.
+        describes; the rest (e.g. the optimizer state) and the data state are not read.
         Raises CheckpointError when the step is missing, corrupt or does not match `abstract_state`."""
         step = self._check_step(step)
         step_dir = self._step_dir(step)
@@ -304,7 +304,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {step_dir} does not match the model/optimizer state: {diff}. "
                                   "Resume with the same model, LoRA and optimizer config, or start fresh.")
 
-        items = {STATE: ocp.args.StandardRestore(abstract_state, strict=only is None)}
+        if only is not None:   # a strict subtree, read straight from the state item (no other item)
+            try:
+                target = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                out = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+                    item=abstract_state, restore_args=target, partial_restore=True))
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"restoring {only!r} from checkpoint {step_dir} failed (corrupt, partial "
+                                      f"or incompatible): {type(e).__name__}: {e}") from e
+            return out[only], None
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
         has_grain, has_json = (step_dir / DATA).is_dir(), (step_dir / DATA_JSON).is_dir()
         if data_iterator is not None:
             if has_grain:
@@ -330,7 +339,7 @@ class Checkpointer:
             data_state = data_iterator.get_state()
         elif has_grain:
             data_state = self._read_grain_state(step_dir)
-        return (out[STATE] if only is None else out[STATE][only]), data_state
+        return out[STATE], data_state
 
     @staticmethod
     def _read_grain_state(step_dir: Path) -> dict | None:
