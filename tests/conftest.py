@@ -41,3 +41,13 @@ def tiny(tmp_path_factory, demo_models):
     paths = write_tiny_setup(root, demo_models.llm)
     (root / "paths.json").write_text(json.dumps(paths))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory, demo_tokenizer):
+    """A 2-layer random Llama over the SmolLM2 vocabulary, saved with the SmolLM2 tokenizer."""
+    from hf_tiny_llm import save, tiny_hf_llm
+    path = tmp_path_factory.mktemp("tiny-smollm2")
+    save(tiny_hf_llm("llama", vocab_size=len(demo_tokenizer), max_position_embeddings=1024, tied=True), path)
+    demo_tokenizer.save_pretrained(path)
+    return path

@@ -3,7 +3,7 @@
 usage: run_tiny_train.py PATHS_JSON RUN_DIR OUT_JSON [kill:N | term:N | none] [options] [overrides...]
 options:
   --distributed      join a jax.distributed cluster first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-                     JAX_PROCESS_ID in the environment; see alm_jax/training/distributed.py)
+                     JAX_PROCESS_ID in the environment; see alm_jax/distributed.py)
   --data-shards=S    train(data_shards=S): the global batch is built from S data shards
   --poison=A[-B]     make the audio of steps A..B all NaN (through train()'s batch_transform hook)
   --record-rows      record a fingerprint of every local row of every batch (its sample and its global
@@ -40,7 +40,7 @@ def main():
     opts = {a[2:].partition("=")[0]: a.partition("=")[2] for a in rest if a.startswith("--")}
     overrides = [a for a in rest if not a.startswith("--")]
     if "distributed" in opts:   # before anything touches a JAX device
-        from alm_jax.training.distributed import initialize_distributed
+        from alm_jax.distributed import initialize_distributed
         initialize_distributed("auto")
 
     import jax

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import json, sys
-    from alm_jax.training.distributed import initialize_distributed, is_main_process
+    from alm_jax.distributed import initialize_distributed, is_main_process
     mode, ckpt_dir = sys.argv[1], sys.argv[2]
     if mode == "args":        # coordinator etc. as arguments
         info = initialize_distributed("explicit", coordinator=sys.argv[3], num_processes=2, process_id=int(sys.argv[4]))

