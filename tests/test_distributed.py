@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from alm_jax.errors import ConfigError
-from alm_jax.training import distributed
+from alm_jax import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
