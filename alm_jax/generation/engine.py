@@ -128,13 +128,16 @@ class ResponseGenerator:
         """Padded prompt width for a longest prompt of `length` tokens: the next multiple of prompt_bucket."""
         return max(1, math.ceil(length / self.prompt_bucket)) * self.prompt_bucket
 
-    def generate(self, prompts: Sequence[Sequence[int]], row_ids: Sequence[int] | None = None) -> list[Response]:
+    def generate(self, prompts: Sequence[Sequence[int]], row_ids: Sequence[int] | None = None,
+                 max_new: Sequence[int] | None = None) -> list[Response]:
         """Answers to token-id prompts, in order, `batch_size` rows per call of the model. `row_ids` (default
         0..n-1) seed each row's sampling randomness: give the item index, and an answer depends only on
-        (seed, item, prompt), not on which batch or process produced it."""
+        (seed, item, prompt), not on which batch or process produced it. `max_new`: per-prompt token
+        limits (at most `max_new_tokens`; default all `max_new_tokens`)."""
         if not prompts:
             return []
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        max_new = [self.max_new_tokens] * len(prompts) if max_new is None else list(max_new)
         self.load()
         too_long = [len(p) for p in prompts if len(p) > self.max_prompt_tokens]
         if too_long:
@@ -144,25 +147,27 @@ class ResponseGenerator:
         out: list[Response | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            new_tokens = self._generate_batch([prompts[k] for k in rows], [row_ids[k] for k in rows])
+            new_tokens = self._generate_batch([prompts[k] for k in rows], [row_ids[k] for k in rows],
+                                              [max_new[k] for k in rows])
             for k, tokens in zip(rows, new_tokens):
                 out[k] = self._response(tokens)
         return out
 
-    def _generate_batch(self, batch: list[Sequence[int]], row_ids: list[int]) -> np.ndarray:
+    def _generate_batch(self, batch: list[Sequence[int]], row_ids: list[int], limits: list[int]) -> np.ndarray:
         """New tokens `[len(batch), max_new_tokens]` of up to batch_size prompts (padded to a full batch;
         `sampler.PAD` after a row's EOS)."""
         width = self.bucket_width(max(len(p) for p in batch))
         ids = np.full((self.batch_size, width), self.pad_id, np.int32)
         mask = np.zeros((self.batch_size, width), np.int32)
         rows = np.zeros((self.batch_size,), np.int32)
+        limit = np.zeros((self.batch_size,), np.int32)
         for row in range(self.batch_size):
             k = min(row, len(batch) - 1)
             ids[row, width - len(batch[k]):] = batch[k]
             mask[row, width - len(batch[k]):] = 1
-            rows[row] = row_ids[k]
+            rows[row], limit[row] = row_ids[k], limits[k]
         t0 = time.perf_counter()
-        tokens, lengths = sampler.generate(self.model, ids, mask, self.sampling, row_ids=rows)
+        tokens, lengths = sampler.generate(self.model, ids, mask, self.sampling, row_ids=rows, max_new_per_row=limit)
         tokens = np.asarray(tokens)[:len(batch)]
         self.seconds_generating += time.perf_counter() - t0
         self.tokens_generated += int(np.asarray(lengths)[:len(batch)].sum())
@@ -297,13 +302,14 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
     """Write this process's shards of a self-generated corpus; returns their `.done` stats (see `write_corpus`).
 
     source: `source[i] -> (ClipMeta, waveform)` with `len`; recipe: has `item_for(i, source) ->
-    GenerationItem` (e.g. `DestaRecipe`); llm_dir: the backbone LLM's HF directory, or a ready
-    `ResponseGenerator` (then batch_size, max_*_tokens, prompt_bucket and dtype are its own).
+    GenerationItem` (e.g. `DestaRecipe`); llm_dir: the backbone LLM's HF directory, or a ready generator
+    (`ResponseGenerator`, `openai_backend.OpenAIGenerator`; then batch_size, max_*_tokens, prompt_bucket
+    and dtype are its own).
     `write_options` go to `write_corpus` (writer_options, max_bad_fraction, min_seen, verify_existing,
     finalize). on_shard(stats): called after each shard this call generates (progress). Per-shard stats
     land in `out_dir/generation/`; `generation_report(out_dir)` sums them once the corpus is finished.
     """
-    if isinstance(llm_dir, ResponseGenerator):
+    if hasattr(llm_dir, "generate") and hasattr(llm_dir, "prompt_ids"):   # a ready generator (any backend)
         generator = llm_dir
     else:
         generator = ResponseGenerator(llm_dir, batch_size=batch_size, max_new_tokens=max_new_tokens,

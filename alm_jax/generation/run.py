@@ -111,10 +111,18 @@ def run_generate(args) -> dict:
         raise ConfigError(f"--n {args.n} but the source has {len(source)} clips; lower --n")
     recipe = build_recipe(args.recipe, args.seed, **over["recipe"])
     mesh = make_mesh(-1, args.fsdp, args.tensor, devices=jax.local_devices()) \
-        if args.fsdp * args.tensor > 1 or len(jax.local_devices()) > 1 else None
-    generator = ResponseGenerator(llm, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  max_prompt_tokens=args.max_prompt_tokens, sampling=sampling,
-                                  stop_strings=tuple(args.stop), mesh=mesh)
+        if args.backend == "native" and (args.fsdp * args.tensor > 1 or len(jax.local_devices()) > 1) else None
+    if args.backend == "openai":
+        from alm_jax.generation.openai_backend import OpenAIGenerator
+        if not args.base_url:
+            raise ConfigError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        generator = OpenAIGenerator(args.base_url, model=args.model, tokenizer_dir=llm, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                    sampling=sampling, stop_strings=tuple(args.stop))
+    else:
+        generator = ResponseGenerator(llm, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                      max_prompt_tokens=args.max_prompt_tokens, sampling=sampling,
+                                      stop_strings=tuple(args.stop), mesh=mesh)
     pi, pc = jax.process_index(), jax.process_count()
     num_shards = -(-args.n // args.records_per_shard)
     mine = range(pi, num_shards, pc)
@@ -138,7 +146,12 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="write a self-generated corpus: a recipe's prompts answered by the LLM")
     g.add_argument("--recipe", required=True, help="desta | balsa | balsa_ma | alarm | mallm | mats")
     g.add_argument("--source", required=True, help="demo | MANIFEST.jsonl | TFDS_DATASET_DIR")
-    g.add_argument("--llm", required=True, help="backbone LLM: a local HF directory or demo:smollm2-135m-instruct")
+    g.add_argument("--llm", required=True, help="backbone LLM: a local HF directory or demo:smollm2-135m-instruct "
+                   "(with --backend openai: its tokenizer, for prompt lengths)")
+    g.add_argument("--backend", default="native", choices=["native", "openai"],
+                   help="native: our JAX sampler; openai: an OpenAI-compatible server (vLLM, SGLang, alm serve)")
+    g.add_argument("--base-url", default=None, help="with --backend openai: e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--model", default=None, help="with --backend openai: the served model name (default: the first)")
     g.add_argument("--out", required=True, help="corpus directory (resumed if it exists)")
     g.add_argument("--n", type=int, default=1000, help="records to generate (items 0..n-1 of the source)")
     g.add_argument("--records-per-shard", type=int, default=256)
@@ -161,4 +174,31 @@ def _cmd(args) -> int:
     if "records_kept" in report:
         print(json.dumps({k: report[k] for k in ("records_kept", "filtered", "bad")}))
         print(f"corpus: {os.path.abspath(args.out)} (report: generation_report.json)")
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve an LLM with our sampler on an OpenAI-compatible endpoint (loopback)")
+    s.add_argument("--llm", required=True, help="a local HF directory or demo:smollm2-135m-instruct")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--max-prompt-tokens", type=int, default=1024)
+    s.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from alm_jax.generation.engine import ResponseGenerator
+    from alm_jax.generation.server import ChatServer
+    from alm_jax.weights.demo_models import resolve_model_path
+    gen = ResponseGenerator(resolve_model_path(args.llm), batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    server = ChatServer(gen, host=args.host, port=args.port).start()
+    print(f"serving {server.model_name} at {server.base_url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
     return 0
