@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "bench_llm_forward.py": ["--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "16", "--vocab", "512",
                              "--repeats", "3"],
     "bench_log_mel.py": ["--batch", "2", "--seconds", "5", "--repeats", "3"],
+    "bench_sampler.py": ["--batch", "2", "--new-tokens", "8", "--repeats", "1"],
     "bench_pipeline.py": ["--records", "16", "--seconds", "2", "--batch", "4", "--workers", "1", "--min-time", "1"],
     "bench_train_step.py": ["--batch", "1", "--text", "32", "--queries", "4", "--llm-layers", "1", "--vocab", "512",
                             "--repeats", "2", "--torch-threads", "default"],
