@@ -17,7 +17,8 @@ and returns float32 mono waveforms `[samples]` at `sample_rate` Hz (16 kHz by de
   between utterances (pitch flutter phase, cycle counters) and seeds its noise from the clock, so the
   library is loaded fresh and its random seeds fixed for every utterance: the same request always gives
   the same samples, in any process and in any order. (The binary fallback is a fresh process per
-  utterance, but its breath noise is not seeded: not bit-exact.)
+  utterance, but its breath noise is not seeded: not bit-exact.) `SENTENCE_SWAPS` lists one-word edits
+  of the transcripts `SENTENCES`, for near-identical speech pairs.
 """
 
 from __future__ import annotations
@@ -468,6 +469,67 @@ SENTENCES: tuple[str, ...] = (
     "I will call you back in five minutes.",
     "The wind blew the leaves across the road.",
 )
+
+# Minimal edits of SENTENCES for near-identical speech pairs (MALLM): sentence -> {word: replacements}.
+# Each word occurs exactly once (as a whole word) in its sentence, and every replacement keeps the sentence
+# grammatical and plausible, so a pair differs in that one word only.
+SENTENCE_SWAPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "The kettle is boiling in the kitchen.": {"kitchen": ("garage", "bedroom", "hallway")},
+    "Please close the window before you leave.": {"window": ("door", "gate"), "close": ("open", "lock")},
+    "The train to the city leaves at nine.": {"nine": ("eight", "ten", "seven"), "city": ("coast", "airport")},
+    "I left my umbrella at the office.": {"umbrella": ("jacket", "wallet", "laptop"),
+                                          "office": ("station", "library")},
+    "Could you turn the music down a little?": {"music": ("radio", "heating", "television"), "down": ("up",)},
+    "The meeting has been moved to Thursday.": {"Thursday": ("Monday", "Tuesday", "Friday")},
+    "My brother plays the guitar every evening.": {"brother": ("sister", "father"),
+                                                   "guitar": ("piano", "violin", "drums")},
+    "It looks like it is going to rain.": {"rain": ("snow",)},
+    "We need more milk and a loaf of bread.": {"milk": ("butter", "cheese", "sugar")},
+    "The library closes early on Sundays.": {"Sundays": ("Mondays", "Fridays", "Saturdays"),
+                                             "library": ("bakery", "museum", "pharmacy")},
+    "She painted the fence a bright shade of blue.": {"blue": ("green", "red", "yellow"), "fence": ("door", "gate")},
+    "Turn left at the second traffic light.": {"left": ("right",), "second": ("first", "third")},
+    "The children are playing in the garden.": {"garden": ("park", "yard", "street")},
+    "Do you know where I put my keys?": {"keys": ("glasses", "wallet", "phone")},
+    "This soup needs a little more salt.": {"salt": ("pepper", "garlic", "water")},
+    "The flight was delayed by two hours.": {"two": ("three", "four", "six")},
+    "He forgot to water the plants again.": {"plants": ("flowers", "lawn")},
+    "Let us meet outside the cinema at eight.": {"cinema": ("station", "library", "museum"),
+                                                 "eight": ("seven", "nine", "six")},
+    "The baby finally fell asleep.": {"baby": ("puppy", "patient")},
+    "Your package will arrive tomorrow morning.": {"morning": ("evening", "afternoon"), "package": ("letter",)},
+    "I would like a cup of tea, please.": {"tea": ("coffee", "cocoa", "water")},
+    "The museum is free on the first Monday.": {"museum": ("gallery", "zoo"), "Monday": ("Tuesday", "Sunday")},
+    "Someone left the front door open.": {"front": ("back", "side"), "door": ("window", "gate")},
+    "The printer has run out of paper.": {"paper": ("ink", "toner")},
+    "Remember to bring a warm jacket.": {"jacket": ("scarf", "sweater", "blanket")},
+    "The river is very high after the storm.": {"storm": ("rain",), "river": ("lake", "stream")},
+    "Can you help me carry these boxes?": {"boxes": ("bags", "chairs", "books")},
+    "Our neighbours are moving to a new house.": {"house": ("flat", "town"), "neighbours": ("cousins", "friends")},
+    "The bus was full, so I walked home.": {"bus": ("train", "tram"), "walked": ("ran", "cycled")},
+    "Dinner will be ready in ten minutes.": {"Dinner": ("Lunch", "Breakfast"), "ten": ("five", "twenty")},
+    "The lights in the hallway keep flickering.": {"hallway": ("kitchen", "bathroom", "garage")},
+    "I think the shop on the corner is closed.": {"shop": ("cafe", "bakery", "bank"), "closed": ("open",)},
+    "Please speak a little more slowly.": {"slowly": ("loudly", "quietly", "clearly")},
+    "The dog wants to go for a walk.": {"walk": ("run", "swim")},
+    "We watched the sunset from the hill.": {"sunset": ("sunrise", "fireworks"), "hill": ("roof", "beach", "bridge")},
+    "The exam starts at half past ten.": {"ten": ("nine", "eleven", "two"), "exam": ("lecture", "concert")},
+    "My phone battery is almost empty.": {"empty": ("full",), "phone": ("laptop", "camera")},
+    "The coffee machine is broken again.": {"broken": ("empty", "leaking")},
+    "They won the match in the last minute.": {"won": ("lost",), "match": ("game", "final"), "last": ("first",)},
+    "Excuse me, is this seat taken?": {"seat": ("table", "chair")},
+    "The soup is too hot to eat.": {"hot": ("cold", "salty", "spicy"), "soup": ("pie", "curry")},
+    "I have never seen so much snow.": {"snow": ("rain", "traffic", "ice")},
+    "The new bridge opens next spring.": {"spring": ("summer", "autumn", "winter"),
+                                          "bridge": ("station", "library", "school")},
+    "Put the books back on the top shelf.": {"top": ("bottom", "middle"), "books": ("plates", "cups", "files")},
+    "The clock in the tower stopped at noon.": {"noon": ("midnight", "dawn")},
+    "Thank you for waiting so patiently.": {"patiently": ("quietly", "calmly")},
+    "The garden is full of yellow flowers.": {"yellow": ("red", "white", "purple")},
+    "Where is the nearest train station?": {"train": ("bus", "petrol", "police")},
+    "I will call you back in five minutes.": {"five": ("ten", "two", "twenty")},
+    "The wind blew the leaves across the road.": {"leaves": ("papers", "dust"), "road": ("yard", "field", "street")},
+}
 
 _ESPEAK_SYNCHRONOUS = 2         # espeak_AUDIO_OUTPUT: AUDIO_OUTPUT_SYNCHRONOUS
 _ESPEAK_DONT_EXIT = 0x8000      # espeakINITIALIZE_DONT_EXIT: return errors instead of calling exit()

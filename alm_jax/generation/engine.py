@@ -129,11 +129,12 @@ class ResponseGenerator:
         return max(1, math.ceil(length / self.prompt_bucket)) * self.prompt_bucket
 
     def generate(self, prompts: Sequence[Sequence[int]], row_ids: Sequence[int] | None = None,
-                 max_new: Sequence[int] | None = None) -> list[Response]:
+                 max_new: Sequence[int] | None = None, sampling: sampler.SamplingConfig | None = None) -> list[Response]:
         """Answers to token-id prompts, in order, `batch_size` rows per call of the model. `row_ids` (default
         0..n-1) seed each row's sampling randomness: give the item index, and an answer depends only on
         (seed, item, prompt), not on which batch or process produced it. `max_new`: per-prompt token
-        limits (at most `max_new_tokens`; default all `max_new_tokens`)."""
+        limits (at most `max_new_tokens`; default all `max_new_tokens`). `sampling`: this call's settings
+        instead of `self.sampling` (e.g. a recipe stage's thinking budget)."""
         if not prompts:
             return []
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
@@ -148,12 +149,13 @@ class ResponseGenerator:
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             new_tokens = self._generate_batch([prompts[k] for k in rows], [row_ids[k] for k in rows],
-                                              [max_new[k] for k in rows])
+                                              [max_new[k] for k in rows], sampling or self.sampling)
             for k, tokens in zip(rows, new_tokens):
                 out[k] = self._response(tokens)
         return out
 
-    def _generate_batch(self, batch: list[Sequence[int]], row_ids: list[int], limits: list[int]) -> np.ndarray:
+    def _generate_batch(self, batch: list[Sequence[int]], row_ids: list[int], limits: list[int],
+                        sampling: sampler.SamplingConfig) -> np.ndarray:
         """New tokens `[len(batch), max_new_tokens]` of up to batch_size prompts (padded to a full batch;
         `sampler.PAD` after a row's EOS)."""
         width = self.bucket_width(max(len(p) for p in batch))
@@ -167,7 +169,7 @@ class ResponseGenerator:
             mask[row, width - len(batch[k]):] = 1
             rows[row], limit[row] = row_ids[k], limits[k]
         t0 = time.perf_counter()
-        tokens, lengths = sampler.generate(self.model, ids, mask, self.sampling, row_ids=rows, max_new_per_row=limit)
+        tokens, lengths = sampler.generate(self.model, ids, mask, sampling, row_ids=rows, max_new_per_row=limit)
         tokens = np.asarray(tokens)[:len(batch)]
         self.seconds_generating += time.perf_counter() - t0
         self.tokens_generated += int(np.asarray(lengths)[:len(batch)].sum())
@@ -228,37 +230,84 @@ class _ShardRecords:
         return outcome
 
     def _build_shard(self, shard: int) -> dict[int, Record | None | Exception]:
+        """Every item of `shard`: prompts (skipped items and metadata answers need no LLM), stage 0 answered
+        in batches, then each later stage of a multi-stage recipe, then the recipe's verdict per item."""
         span = range(shard * self.records_per_shard, min((shard + 1) * self.records_per_shard, self.n_records))
         outcomes: dict[int, Record | None | Exception] = {}
-        items, prompts = {}, {}
+        items, prompts, outputs = {}, {}, {}
+        filtered0 = collections.Counter(self.filtered)
         for i in span:
             try:
                 item = self.recipe.item_for(i, self.source)
-                ids = self.generator.prompt_ids(item.generation_messages)
-                if len(ids) > self.generator.max_prompt_tokens:
-                    raise data_error("prompt_too_long", f"generation prompt of item {i} ({item.item_id}) is "
-                                                        f"{len(ids)} tokens, over max_prompt_tokens "
-                                                        f"{self.generator.max_prompt_tokens}; raise it")
+                if getattr(item, "skip_reason", None):
+                    self.filtered[item.skip_reason] += 1
+                    outcomes[i] = None
+                    continue
+                items[i] = item
+                if getattr(item, "fixed_response", None) is not None:
+                    outputs[i] = [Response(item.fixed_response, 0, True)]
+                    continue
+                prompts[i] = self._prompt(item.generation_messages, i, item.item_id)
             except (AudioError, DataError) as e:
+                items.pop(i, None)
                 outcomes[i] = e
-                continue
-            items[i], prompts[i] = item, ids
         t0, tokens0 = time.perf_counter(), self.generator.tokens_generated
-        responses = dict(zip(prompts, self.generator.generate(list(prompts.values()), row_ids=list(prompts))))
+        for i, r in zip(prompts, self.generator.generate(list(prompts.values()), row_ids=list(prompts))):
+            outputs[i] = [r]
+        for stage in range(1, getattr(self.recipe, "n_stages", 1)):
+            self._run_stage(stage, [i for i in prompts if i in outputs], items, outputs, outcomes)
         seconds, tokens = time.perf_counter() - t0, self.generator.tokens_generated - tokens0
-        filtered0 = collections.Counter(self.filtered)
-        for i, response in responses.items():
-            outcomes[i] = self._record(items[i], response)
-        stats = {"shard": shard, "items": len(span), "responses": len(responses),
-                 "kept_response_tokens": [responses[i].n_tokens for i in responses
-                                          if isinstance(outcomes[i], Record)],
+        for i, outs in outputs.items():
+            outcomes[i] = self._record(items[i], outs)
+        kept = [i for i in outputs if isinstance(outcomes[i], Record)]
+        stats = {"shard": shard, "items": len(span), "responses": len(prompts),
+                 "kept_response_tokens": [outputs[i][-1].n_tokens for i in kept],
                  "filtered": dict(self.filtered - filtered0)}
         self._save_stats(shard, stats)
-        log.info("shard %d: %d responses, %d tokens in %.1f s (%.1f tokens/s); filtered so far: %s", shard,
-                 len(responses), tokens, seconds, tokens / seconds if seconds else 0.0, dict(self.filtered))
+        log.info("shard %d: %d prompts, %d tokens in %.1f s (%.1f tokens/s); filtered so far: %s", shard,
+                 len(prompts), tokens, seconds, tokens / seconds if seconds else 0.0, dict(self.filtered))
         if self.on_shard is not None:
             self.on_shard({**stats, "tokens": tokens, "seconds": seconds})
         return outcomes
+
+    def _prompt(self, messages, i: int, item_id: str):
+        ids = self.generator.prompt_ids(messages)
+        if len(ids) > self.generator.max_prompt_tokens:
+            raise data_error("prompt_too_long", f"generation prompt of item {i} ({item_id}) is {len(ids)} tokens, "
+                                                f"over max_prompt_tokens {self.generator.max_prompt_tokens}; raise it")
+        return ids
+
+    def _run_stage(self, stage: int, alive: list[int], items, outputs, outcomes) -> None:
+        """Later LLM pass `stage` for the items in `alive`: the recipe's `stage_prompt` of each, answered in
+        batches of equal settings (per-stage token cap; a thinking budget becomes the sampler's budget
+        forcing with the recipe's message). An item whose stage prompt fails is a bad item."""
+        groups: dict[tuple, dict[int, Any]] = collections.defaultdict(dict)
+        for i in alive:
+            try:
+                sp = self.recipe.stage_prompt(items[i], stage, outputs[i])
+                key = (sp.max_new_tokens, sp.thinking_budget, sp.budget_message)
+                groups[key][i] = self._prompt(sp.messages, i, items[i].item_id)
+            except (AudioError, DataError) as e:
+                outputs.pop(i)
+                outcomes[i] = e
+        for (cap, budget, message), prompts in groups.items():
+            sampling = self._stage_sampling(budget, message) if budget else None
+            limit = min(cap or self.generator.max_new_tokens, self.generator.max_new_tokens)
+            answers = self.generator.generate(list(prompts.values()), row_ids=[i + stage * self.n_records for i in prompts],
+                                              max_new=[limit] * len(prompts), sampling=sampling)
+            for i, r in zip(prompts, answers):
+                outputs[i].append(r)
+
+    def _stage_sampling(self, budget: int, message: str):
+        """The generator's sampling with ALARM budget forcing: after `budget` tokens inside <think>, force
+        `message` then </think> (token ids from the generator's tokenizer)."""
+        tok = getattr(self.generator, "tokenizer", None)
+        if tok is None or not hasattr(self.generator, "sampling"):
+            raise ConfigError("this recipe sets a thinking budget; the generator needs a tokenizer and a sampler "
+                              "(the native backend)")
+        ids = lambda text: list(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return dataclasses.replace(self.generator.sampling, think_budget=budget, think_open_ids=ids("<think>"),
+                                   think_close_ids=ids("</think>"), budget_forcing_ids=ids(message) if message else ())
 
     def _save_stats(self, shard: int, stats: dict) -> None:
         if self.out_dir is None:
@@ -272,24 +321,42 @@ class _ShardRecords:
         tmp.write_text(json.dumps(stats, sort_keys=True))
         os.replace(tmp, path)
 
-    def _rejection(self, response: Response) -> str | None:
-        """Why `response` is dropped ('degenerate', 'rejected_by_recipe', 'unfinished'), or None to keep it."""
-        if is_degenerate(response.text):
-            return "degenerate"
-        if self._accepts is not None and not self._accepts(response.text):
-            return "rejected_by_recipe"
-        if self.drop_unfinished and not response.finished:
-            return "unfinished"
-        return None
+    def _rejection(self, item, outputs: list[Response]) -> tuple[str | None, Any]:
+        """`(reason to drop, None)` or `(None, target)`: the recipe's verdict (`finalize`, or `accepts` for a
+        recipe without it), then the engine's own checks on the target (no letter or digit: 'degenerate';
+        the last answer cut at max_new_tokens with `drop_unfinished`: 'unfinished')."""
+        finalize = getattr(self.recipe, "finalize", None)
+        if finalize is not None:
+            target = finalize(item, outputs, self._count_tokens)
+            if not target.kept:
+                return target.reason or "rejected_by_recipe", None
+            text, metadata = target.text, dict(target.metadata)
+        else:
+            text, metadata = outputs[-1].text, {}
+            if self._accepts is not None and not self._accepts(text):
+                return "rejected_by_recipe", None
+        if is_degenerate(text):
+            return "degenerate", None
+        if self.drop_unfinished and not outputs[-1].finished:
+            return "unfinished", None
+        return None, (text, metadata)
 
-    def _record(self, item, response: Response) -> Record | None | Exception:
-        reason = self._rejection(response)
+    def _count_tokens(self, text: str) -> int:
+        tok = getattr(self.generator, "tokenizer", None)
+        if tok is None:
+            raise ConfigError("the recipe counts target tokens; give the generator a tokenizer (--llm DIR)")
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def _record(self, item, outputs: list[Response]) -> Record | None | Exception:
+        reason, target = self._rejection(item, outputs)
         if reason is not None:
             self.filtered[reason] += 1
             return None
+        text, metadata = target
+        last = outputs[-1]
         try:
-            return item.to_record(response.text, self.generator.name, self.audio_format,
-                                  {"response_tokens": response.n_tokens, "finished": response.finished})
+            return item.to_record(text, self.generator.name, self.audio_format,
+                                  {"response_tokens": last.n_tokens, "finished": last.finished, **metadata})
         except (AudioError, DataError) as e:
             return e
 

@@ -74,13 +74,16 @@ class OpenAIGenerator:
         return ChatPrompt(messages, n)
 
     def generate(self, prompts: Sequence[ChatPrompt], row_ids: Sequence[int] | None = None,
-                 max_new: Sequence[int] | None = None) -> list:
+                 max_new: Sequence[int] | None = None, sampling=None) -> list:
         import time
 
         from alm_jax.generation.engine import Response
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         max_new = [self.max_new_tokens] * len(prompts) if max_new is None else list(max_new)
-        s = self.sampling
+        s = sampling or self.sampling
+        if s.think_budget:
+            raise ConfigError("a thinking budget needs the native backend (a remote server does its own budget "
+                              "forcing, if any); use --backend native or set recipe.thinking_budget=0")
 
         def one(k: int) -> Response:
             out = self.client.chat.completions.create(

@@ -17,11 +17,25 @@ is laid over a background (silence, white / pink / brown noise, mains hum) at an
 over silence), then scaled to a peak in [0.3, 0.9]. Event classes a background would mask (white noise on
 white noise, pink on pink, engine hum on mains hum) are not drawn over it.
 Without an espeak-ng backend the speech kinds are dropped with a warning (`synth.speech_available()`).
+
+**Pairs** (`source.pair(i) -> ClipPair`, MALLM-style minimal pairs): two clips that differ in exactly one
+thing, `edit` in `PAIR_EDITS`: an event `add`ed, `remove`d or `replace`d (same span, another class) over the
+same background, or one `word` of the same sentence changed (`synth.SENTENCE_SWAPS`), same voice, rate and
+pitch. Shared parts are sample-identical: each event and the background are rendered from their own
+seeds, the background has one gain for both clips (set by the first clip's SNR draw; each clip records its
+own resulting SNR) and both clips get one peak scale (the louder clip peaks in [0.3, 0.9]). Pair `i`
+depends only on `(seed, i)` and the settings, drawn from a stream separate from the clips'.
+
+**Co-occurrence** (`source.cooccurrence_pairs()`): the mixing rule that a background sounds like an event
+class (white noise, pink noise, mains hum ~ engine hum) as `("background:<kind>", label)` pairs: a clip
+over that background contains that sound although it is not among its labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -44,6 +58,10 @@ EVENT_SECONDS = (0.5, 4.0)        # event durations, clipped to the clip
 GAIN_DB = (-6.0, 0.0)             # per event / utterance, relative to loudest-20-ms RMS 1
 PEAK = (0.3, 0.9)                 # final peak level
 SECOND_UTTERANCE_PROBABILITY = 0.3
+SOUND_EDITS = ("add", "remove", "replace")
+PAIR_EDITS = SOUND_EDITS + ("word",)
+BACKGROUND_KEY = "background:"     # prefix of a background in co-occurrence pairs
+_PAIR_STREAM = 0x9A125             # pairs draw from their own stream, apart from the clips'
 
 
 def pitch_level(pitch: int) -> str:
@@ -77,11 +95,41 @@ def compose_caption(phrases: Sequence[tuple[float, float, str]], background: str
     return text + "."
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipPair:
+    """Two demo clips that differ in one thing (see the module docstring).
+
+    first, second: (ClipMeta, waveform float32 `[samples]`), same duration and background;
+    edit: `add` (second has one more event, labelled `after`), `remove` (second lacks the event labelled
+    `before`), `replace` (first's event `before` is `after` in second, same span) or `word` (the
+    utterance says `after` where first says `before`); span: (start, end) seconds of the edited event or
+    of the utterance (the union of both clips' utterance spans).
+    """
+    first: tuple[ClipMeta, np.ndarray]
+    second: tuple[ClipMeta, np.ndarray]
+    edit: str
+    before: str | None
+    after: str | None
+    span: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One sound of a pair clip: its metadata (Event or Speech) and its waveform `[samples]` (gain applied)."""
+    item: Event | Speech
+    wave: np.ndarray
+
+    @property
+    def start(self) -> float:
+        return self.item.onset if isinstance(self.item, Event) else self.item.start
+
+
 class DemoSource:
     """Deterministic synthetic clips: `source[i] -> (ClipMeta, waveform float32 [samples])`.
 
     seed: non-negative int; n_clips: the source's length; kinds: a subset of KINDS; sample_rate: Hz.
-    The other settings bound what is drawn (seconds, dB, words per minute, espeak pitch 0-99).
+    The other settings bound what is drawn (seconds, dB, words per minute, espeak pitch 0-99);
+    pair_edits: the edits `pair(i)` draws from (`word` only when a speech kind is among `kinds`).
     """
 
     def __init__(self, seed: int = 0, n_clips: int = 1000, kinds: Sequence[str] = KINDS,
@@ -89,13 +137,14 @@ class DemoSource:
                  max_events: int = 3, event_labels: Sequence[str] = synth.EVENT_LABELS,
                  backgrounds: Sequence[str] = synth.BACKGROUNDS, snr_db_range: tuple[float, float] = (0.0, 20.0),
                  rate_wpm_range: tuple[int, int] = (110, 210), pitch_range: tuple[int, int] = (20, 80),
-                 voices: Sequence[str] = tuple(synth.VOICES)):
+                 voices: Sequence[str] = tuple(synth.VOICES), pair_edits: Sequence[str] = PAIR_EDITS):
         _check(isinstance(seed, (int, np.integer)) and seed >= 0, f"seed must be an int >= 0, got {seed!r}")
         _check(isinstance(n_clips, (int, np.integer)) and n_clips >= 0, f"n_clips must be >= 0, got {n_clips!r}")
         _check_subset("kinds", kinds, KINDS)
         _check_subset("event_labels", event_labels, synth.EVENT_LABELS)
         _check_subset("backgrounds", backgrounds, synth.BACKGROUNDS)
         _check_subset("voices", voices, tuple(synth.VOICES))
+        _check_subset("pair_edits", pair_edits, PAIR_EDITS)
         _check(synth.MIN_SAMPLE_RATE <= sample_rate <= synth.MAX_SAMPLE_RATE,
                f"sample_rate must be in [{synth.MIN_SAMPLE_RATE}, {synth.MAX_SAMPLE_RATE}], got {sample_rate}")
         _check(0.1 <= min_duration <= max_duration <= synth.MAX_SECONDS,
@@ -125,6 +174,8 @@ class DemoSource:
         self.voices = tuple(voices)
         has_speech = bool(SPEECH_KINDS & set(kinds))
         self.label_vocabulary = self.event_labels + ((SPEECH_LABEL,) if has_speech else ())
+        # word edits need speech among the kinds (so that 'speech' is in the label vocabulary)
+        self.pair_edits = tuple(e for e in pair_edits if e in SOUND_EDITS or has_speech)
 
     def __len__(self) -> int:
         return self.n_clips
@@ -177,16 +228,159 @@ class DemoSource:
         peak = float(np.abs(mixture).max())
         waveform = (mixture * (rng.uniform(*PEAK) / peak if peak > 0 else 1.0)).astype(np.float32)
 
+        meta = self._meta(f"demo-{self.seed}-{index:07d}", duration_ms, background, snr_db, events, speech,
+                          {"kind": kind, "seed": self.seed, "index": index})
+        return meta, waveform
+
+    def _meta(self, clip_id: str, duration_ms: int, background: str, snr_db: float | None,
+              events: Sequence[Event], speech: Sequence[Speech], extra: dict) -> ClipMeta:
+        """The ClipMeta of a rendered clip: caption, labels and time-sorted events from its parts."""
         phrases = [(s.start, s.end, _speech_phrase(s)) for s in speech]
         phrases += [(e.onset, e.offset, synth.EVENT_CLASSES[e.label].phrase) for e in events]
         labels = sorted({e.label for e in events}) + ([SPEECH_LABEL] if speech else [])
-        meta = ClipMeta(
-            clip_id=f"demo-{self.seed}-{index:07d}", source=SOURCE_NAME, duration=duration_ms / 1000,
+        return ClipMeta(
+            clip_id=clip_id, source=SOURCE_NAME, duration=duration_ms / 1000,
             sample_rate=self.sample_rate, caption=compose_caption(phrases, background), labels=tuple(labels),
             events=tuple(sorted(events, key=lambda e: (e.onset, e.offset))), speech=tuple(speech),
             attributes={"background": background, "snr_db": snr_db}, label_vocabulary=self.label_vocabulary,
-            extra={"kind": kind, "seed": self.seed, "index": index})
-        return meta, waveform
+            extra=extra)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Co-occurrence and pairs
+
+    def cooccurrence_pairs(self) -> tuple[tuple[str, str], ...]:
+        """`("background:<kind>", label)` for each background this source draws that sounds like one of its
+        event labels (the mixing rule that keeps such events off that background). A clip over that
+        background contains the sound although the label is not among its labels."""
+        return tuple((BACKGROUND_KEY + background, label) for background in self.backgrounds
+                     for label in sorted(_MASKED_BY_BACKGROUND.get(background, ())) if label in self.event_labels)
+
+    def pair(self, index: int) -> ClipPair:
+        """Pair `index` (any int >= 0): two clips differing in one edit drawn from `pair_edits`.
+
+        Raises ConfigError when no edit is possible (no `pair_edits` left, or too few event labels:
+        `add`/`replace` need one label more than the clip has, over its background).
+        """
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise IndexError(f"pair indices are ints >= 0, got {index!r}")
+        if not self.pair_edits:
+            raise ConfigError("DemoSource: no pair edits available; word edits need a speech kind in `kinds` "
+                              f"and an espeak-ng backend, sound edits need {list(SOUND_EDITS)} in pair_edits")
+        index = int(index)
+        rng = np.random.default_rng([self.seed, _PAIR_STREAM, index])
+        edit = self.pair_edits[rng.integers(len(self.pair_edits))]
+        duration_ms = int(rng.integers(round(self.min_duration * 1000), round(self.max_duration * 1000) + 1))
+        background = self.backgrounds[rng.integers(len(self.backgrounds))]
+        snr_db = round(float(rng.uniform(*self.snr_db_range)), 1)
+        peak = float(rng.uniform(*PEAK))
+        background_seed = int(rng.integers(2 ** 63))
+        if edit == "word":
+            first, second, before, after, span, duration_ms = self._word_pair(rng, duration_ms)
+        else:
+            first, second, before, after, span = self._event_pair(rng, edit, duration_ms, background)
+        waves, snrs = self._render_pair(first, second, duration_ms, background, snr_db, background_seed, peak)
+        clips = []
+        for member, (parts, wave, clip_snr) in enumerate(zip((first, second), waves, snrs)):
+            meta = self._meta(
+                f"demo-{self.seed}-pair{index:07d}-{'ab'[member]}", duration_ms, background, clip_snr,
+                [p.item for p in parts if isinstance(p.item, Event)],
+                [p.item for p in parts if isinstance(p.item, Speech)],
+                {"kind": "pair", "seed": self.seed, "index": index, "pair_member": member, "edit": edit})
+            clips.append((meta, wave))
+        return ClipPair(clips[0], clips[1], edit, before, after, span)
+
+    def _event_pair(self, rng: np.random.Generator, edit: str, duration_ms: int, background: str
+                    ) -> tuple[list[_Part], list[_Part], str | None, str | None, tuple[float, float]]:
+        """(first parts, second parts, before, after, edited span) of a sound edit; labels are distinct."""
+        candidates = [label for label in self.event_labels if label not in _MASKED_BY_BACKGROUND.get(background, ())]
+        low, high = {"add": (1, max(1, self.max_events - 1)), "remove": (2, max(2, self.max_events)),
+                     "replace": (1, self.max_events)}[edit]
+        n_base = int(rng.integers(low, high + 1))
+        needed = n_base if edit == "remove" else n_base + 1
+        if len(candidates) < needed:
+            raise ConfigError(f"DemoSource.pair: a {edit!r} edit of {n_base} event(s) over {background!r} needs "
+                              f"{needed} distinct event labels, only {candidates} are available; allow more "
+                              "event_labels or fewer max_events")
+        labels = [candidates[c] for c in rng.choice(len(candidates), size=needed, replace=False)]
+        base = [self._pair_event(rng, label, duration_ms) for label in labels[:n_base]]
+        if edit == "add":
+            added = self._pair_event(rng, labels[n_base], duration_ms)
+            return base, base + [added], None, added.item.label, (added.item.onset, added.item.offset)
+        k = int(rng.integers(n_base))
+        old = base[k].item
+        if edit == "remove":
+            return base, base[:k] + base[k + 1:], old.label, None, (old.onset, old.offset)
+        new = self._pair_event(rng, labels[n_base], duration_ms, span=(old.onset, old.offset))
+        return base, base[:k] + [new] + base[k + 1:], old.label, new.item.label, (old.onset, old.offset)
+
+    def _pair_event(self, rng: np.random.Generator, label: str, duration_ms: int,
+                    span: tuple[float, float] | None = None) -> _Part:
+        """One event of `label` at a random (or the given) span, rendered from its own seed."""
+        if span is None:
+            shortest, longest = (min(duration_ms, round(s * 1000)) for s in EVENT_SECONDS)
+            length_ms = int(rng.integers(shortest, longest + 1))
+            onset_ms = int(rng.integers(0, duration_ms - length_ms + 1))
+            event = Event(label, onset_ms / 1000, (onset_ms + length_ms) / 1000)
+        else:
+            event = Event(label, *span)
+        gain = 10 ** (rng.uniform(*GAIN_DB) / 20)
+        wave_rng = np.random.default_rng(int(rng.integers(2 ** 63)))
+        n = self._sample(event.offset) - self._sample(event.onset)
+        return _Part(event, synth.synthesize_event(label, n / self.sample_rate, self.sample_rate, wave_rng) * gain)
+
+    def _word_pair(self, rng: np.random.Generator, duration_ms: int
+                   ) -> tuple[list[_Part], list[_Part], str, str, tuple[float, float], int]:
+        """(first, second, word, replacement, utterance span, duration ms): one utterance, one word changed."""
+        sentence = synth.SENTENCES[rng.integers(len(synth.SENTENCES))]
+        swaps = synth.SENTENCE_SWAPS[sentence]
+        word = sorted(swaps)[rng.integers(len(swaps))]
+        replacement = swaps[word][rng.integers(len(swaps[word]))]
+        edited = re.sub(rf"\b{re.escape(word)}\b", replacement, sentence, count=1)
+        voice = self.voices[rng.integers(len(self.voices))]
+        rate = int(rng.integers(self.rate_wpm_range[0], self.rate_wpm_range[1] + 1))
+        pitch = int(rng.integers(self.pitch_range[0], self.pitch_range[1] + 1))
+        gain = 10 ** (rng.uniform(*GAIN_DB) / 20)
+        start_ms = int(rng.integers(0, 501))
+        attributes = {"gender": synth.VOICES[voice], "voice": voice, "rate_wpm": rate, "pitch": pitch,
+                      "pitch_level": pitch_level(pitch), "speaking_speed": speaking_speed(rate)}
+        parts = []
+        for text in (sentence, edited):
+            wave = synth.synthesize_speech(text, voice, rate, pitch, self.sample_rate)
+            end_ms = start_ms + math.ceil(len(wave) * 1000 / self.sample_rate)
+            parts.append(_Part(Speech(text, start_ms / 1000, end_ms / 1000, dict(attributes)),
+                               wave * (gain / synth.loudness_rms(wave, self.sample_rate))))
+        speech_end_ms = max(round(p.item.end * 1000) for p in parts)
+        tail_ms = int(rng.integers(200, 1001))
+        duration_ms = max(duration_ms, min(speech_end_ms + tail_ms, self._max_ms), speech_end_ms)
+        span = (start_ms / 1000, speech_end_ms / 1000)
+        return [parts[0]], [parts[1]], word, replacement, span, duration_ms
+
+    def _render_pair(self, first: list[_Part], second: list[_Part], duration_ms: int, background: str,
+                     snr_db: float, background_seed: int, peak: float
+                     ) -> tuple[list[np.ndarray], list[float | None]]:
+        """Both clips' waveforms float32 `[samples]` and SNRs (dB, None over silence), sharing one
+        background gain (from the first clip at `snr_db`) and one peak scale."""
+        n_samples = self._sample(duration_ms / 1000)
+        foregrounds, actives = [], []
+        for parts in (first, second):
+            foreground, active = np.zeros(n_samples), np.zeros(n_samples, bool)
+            for part in parts:
+                a = self._sample(part.start)
+                foreground[a: a + len(part.wave)] += part.wave
+                active[a: a + len(part.wave)] = True
+            foregrounds.append(foreground)
+            actives.append(active)
+        powers = [float(np.mean(f[a] ** 2)) for f, a in zip(foregrounds, actives)]
+        mixtures, snrs = foregrounds, [None, None]
+        if background != "silence":
+            noise = synth.synthesize_background(background, n_samples / self.sample_rate, self.sample_rate,
+                                                np.random.default_rng(background_seed)).astype(np.float64)
+            noise_power = float(np.mean(noise ** 2))
+            gain = math.sqrt(powers[0] / (noise_power * 10 ** (snr_db / 10)))
+            mixtures = [f + gain * noise for f in foregrounds]
+            snrs = [round(10 * math.log10(p / (gain ** 2 * noise_power)), 1) for p in powers]
+        scale = peak / max(float(np.abs(m).max()) for m in mixtures)
+        return [(m * scale).astype(np.float32) for m in mixtures], snrs
 
     def _sample(self, seconds: float) -> int:
         return int(round(seconds * self.sample_rate))
