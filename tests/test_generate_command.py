@@ -117,3 +117,71 @@ def test_bad_generate_arguments_name_what_to_fix(tiny_llm_dir, tmp_path):
     assert main([*base, "--recipe", "nope", "--source", "demo"]) == 1
     assert main([*base, "--recipe", "desta", "--source", str(tmp_path / "missing.jsonl")]) == 1
     assert main([*base, "--recipe", "desta", "--source", "demo", "sampling.temprature=1"]) == 1
+
+
+class _Scripted:
+    """A generator answering from a script (no model): plain answers, `<answer>` tags for ALARM's rewrite."""
+
+    def __init__(self, inner):
+        self.inner, self.tokenizer, self.name = inner, inner.tokenizer, "scripted"
+        self.max_prompt_tokens, self.max_new_tokens, self.tokens_generated = inner.max_prompt_tokens, 8, 0
+        self.sampling, self.calls = inner.sampling, []
+
+    def prompt_ids(self, messages):
+        return self.inner.prompt_ids(messages)
+
+    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
+        from alm_jax.generation.engine import Response
+        texts = [self.tokenizer.decode(p) for p in prompts]
+        self.calls.append((len(prompts), sampling.think_budget if sampling is not None else 0))
+        return [Response("<answer>You can hear a dog barking while rain falls softly.</answer>" if "<answer>" in t
+                         else "Yes. A dog barks while rain falls softly in the background.", 12, True) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def recipe_corpora(tiny_llm_dir, tmp_path_factory):
+    """A small corpus per recipe, written by the engine (scripted answers) from short demo clips."""
+    from alm_jax.data.sources.demo import DemoSource
+    from alm_jax.generation.engine import ResponseGenerator, generate_corpus, generation_report
+    from alm_jax.recipes import RECIPES, build_recipe
+    root = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for name in sorted(RECIPES):
+        source = DemoSource(seed=4, n_clips=8, kinds=("events",), min_duration=0.5, max_duration=0.9)
+        gen = _Scripted(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048))
+        recipe = build_recipe(name, seed=1, **({"min_response_tokens": 0} if name == "alarm" else {}))
+        generate_corpus(root / name, source, recipe, gen, n_records=8, records_per_shard=4)
+        out[name] = (root / name, generation_report(root / name), gen.calls)
+    return out
+
+
+def test_every_recipe_writes_its_corpus_through_the_engine(recipe_corpora):
+    for name, (path, report, calls) in recipe_corpora.items():
+        records = list(Corpus(path))
+        assert report["items"] == 8 and report["records_kept"] == len(records) >= 4, (name, report)
+        assert len(records) + sum(report["filtered"].values()) + sum(report["bad"].values()) == 8, name
+        assert all(r.recipe == name and r.messages[-1]["role"] == "assistant" for r in records), name
+        clips = {len(r.clips) for r in records}
+        assert clips == ({0} if name == "mats" else {2, 3} if name == "balsa_ma" else {2} if name == "mallm"
+                         else {1}), (name, clips)
+    alarm_calls = recipe_corpora["alarm"][2]              # two stages x two shards: the rewrite is a second pass,
+    assert [b for _, b in alarm_calls] == [0, 1536, 0, 1536]   # under the sampler's thinking budget
+    mallm = list(Corpus(recipe_corpora["mallm"][0]))
+    assert any(r.provenance.generator == "metadata" for r in mallm)   # closed-form answers need no LLM
+    balsa = recipe_corpora["balsa"][1]
+    assert set(balsa["filtered"]) <= {"wrong_answer"}   # the scripted "Yes." contradicts the absent-sound items
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["balsa_ma", "mallm"])
+def test_multi_clip_corpora_train_through_the_alm(name, recipe_corpora, tiny, tmp_path):
+    from tiny_setup import tiny_config
+
+    from alm_jax.training.trainer import train
+    paths = json.loads((tiny / "paths.json").read_text())
+    cfg = tiny_config(paths, tmp_path, f"data.corpus=[{recipe_corpora[name][0]}]", "data.max_clips=3",
+                      "data.max_text_tokens=320", "data.max_audio_seconds=1.0", "data.batch_size=2",
+                      "steps=2", "optim.total_steps=2", "logging.every=1")
+    result = train(cfg)
+    assert result.step == 2 and all(v == v and v > 0 for v in result.losses.values())
+    assert result.bad_samples.get("bad", {}) == {}                   # every multi-clip record was usable
