@@ -185,3 +185,21 @@ def test_multi_clip_corpora_train_through_the_alm(name, recipe_corpora, tiny, tm
     result = train(cfg)
     assert result.step == 2 and all(v == v and v > 0 for v in result.losses.values())
     assert result.bad_samples.get("bad", {}) == {}                   # every multi-clip record was usable
+
+
+@pytest.mark.slow
+def test_llm_sharded_over_local_devices_writes_the_same_greedy_corpus(tiny_llm_dir, tmp_path):
+    common = ["--recipe", "desta", "--source", "demo", "--llm", str(tiny_llm_dir), "--n", "8", "--records-per-shard",
+              "4", "--batch-size", "4", "--max-new-tokens", "8", "--max-prompt-tokens", "512",
+              "source.kinds=[events]", "source.max_duration=3.0"]
+    cli = [sys.executable, "-m", "alm_jax.cli", "generate"]
+    one = subprocess.run([*cli, *common, "--out", str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    four = subprocess.run([*cli, *common, "--out", str(tmp_path / "four"), "--fsdp", "2", "--tensor", "2"],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), capture_output=True,
+                          text=True, timeout=600)
+    assert one.returncode == 0 and four.returncode == 0, (one.stderr + four.stderr)[-4000:]
+    assert _shards(tmp_path / "four") == _shards(tmp_path / "one") != {}
+    bad = subprocess.run([*cli, *common, "--out", str(tmp_path / "bad"), "--fsdp", "2", "--tensor", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "alm: error: mesh" in bad.stderr and "Traceback" not in bad.stderr
