@@ -307,3 +307,36 @@ def test_smollm2_greedy_equals_transformers(demo_models, demo_tokenizer):
                                                                               eos_ids=eos_ids)))
     _check_rows_end(tokens, lengths, theirs, eos_ids, [new] * 2)
     assert all(len(tok.decode(row[:n], skip_special_tokens=True).split()) >= 3 for row, n in zip(tokens, lengths))
+
+
+def test_stop_sequences_end_rows_at_the_right_token():
+    """A row ends right after the token that completes a stop sequence (kept in the output, PAD after);
+    other rows go on. The sequence is taken from the free greedy run, so it surely occurs."""
+    from alm_jax.generation.sampler import PAD, SamplingConfig, generate
+    model, ids, mask = _stop_fixture()
+    free, _ = generate(model, ids, mask, SamplingConfig(max_new_tokens=12))
+    free = np.asarray(free)
+    seq = tuple(int(t) for t in free[0, 3:5])                       # row 0's tokens 3 and 4
+    first = next(k for k in range(1, 12) if tuple(free[0, k - 1:k + 1]) == seq) + 1
+    tokens, lengths = generate(model, ids, mask, SamplingConfig(max_new_tokens=12, stop_ids=(seq,)))
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    assert lengths[0] == first and (tokens[0, :first] == free[0, :first]).all() and (tokens[0, first:] == PAD).all()
+    for r in range(1, len(free)):   # a row that never completes the sequence runs to the end, unchanged
+        ends = [k + 2 for k in range(11) if tuple(free[r, k:k + 2]) == seq]
+        assert lengths[r] == (ends[0] if ends else 12) and (tokens[r, :lengths[r]] == free[r, :lengths[r]]).all()
+    with pytest.raises(ConfigError, match="empty"):
+        SamplingConfig(stop_ids=((),))
+
+
+def _stop_fixture():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from alm_jax.models.llm import DecoderLM, LLMConfig
+    cfg = LLMConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "max_position_embeddings": 64, "tie_word_embeddings": False})
+    model = DecoderLM(cfg, rngs=nnx.Rngs(3))
+    ids = jnp.asarray([[0, 5, 9, 11], [0, 0, 7, 3], [4, 2, 8, 1]], jnp.int32)
+    mask = jnp.asarray([[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]], bool)
+    return model, ids, mask

@@ -99,6 +99,9 @@ class ResponseGenerator:
         self.sampling = dataclasses.replace(base, max_new_tokens=max_new_tokens,
                                             eos_ids=tuple(dict.fromkeys(base.eos_ids + eos_ids)))
         self.stop_strings, self.mesh = tuple(stop_strings), mesh
+        if self.stop_strings:   # rows end at the token that completes a stop string; the text is cut there
+            self.sampling = dataclasses.replace(self.sampling, stop_ids=self.sampling.stop_ids + tuple(
+                tuple(self.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in self.stop_strings))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.max_prompt_tokens, self.prompt_bucket = max_prompt_tokens, prompt_bucket
         self.dtype = dtype

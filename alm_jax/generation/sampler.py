@@ -14,7 +14,9 @@ ascending-sorted tokens whose cumulative probability is <= 1 - top_p, always kee
 temperature == 0 is greedy (argmax of the penalized logits); top_k / top_p are then ignored.
 
 Output: `tokens [b, max_new_tokens]` int32 and `lengths [b]` int32 (tokens written per row). A row stops
-after any of `eos_ids` (the EOS token is kept and counted in `lengths`) or after its own maximum; every
+after any of `eos_ids` (the EOS token is kept and counted in `lengths`), after emitting one of the
+`stop_ids` sequences (kept too; stop strings are tokenized into these by the caller, and
+`truncate_at_stop_strings` then cuts the decoded text), or after its own maximum; every
 position at or after `lengths[row]` holds `PAD = -1`. The loop ends early once every row is done.
 
 Randomness: the token at step s of a row comes from `fold_in(fold_in(key, row_id), s)`, with `row_ids`
@@ -75,8 +77,15 @@ class SamplingConfig:
     think_close_ids: tuple[int, ...] = ()
     think_budget: int = 0           # 0 = off
     budget_forcing_ids: tuple[int, ...] = ()
+    stop_ids: tuple[tuple[int, ...], ...] = ()   # token sequences that end a row (kept in the output)
 
     def __post_init__(self):
+        stops = self.stop_ids
+        if isinstance(stops, (list, tuple)) and stops and all(isinstance(x, int) for x in stops):
+            stops = (stops,)     # one sequence given flat
+        object.__setattr__(self, "stop_ids", tuple(_id_tuple("stop_ids", seq) for seq in stops))
+        if any(not seq for seq in self.stop_ids):
+            raise ConfigError("stop_ids must not hold an empty sequence; drop it")
         for name in ("eos_ids", "think_open_ids", "think_close_ids", "budget_forcing_ids"):
             object.__setattr__(self, name, _id_tuple(name, getattr(self, name)))
         for name in ("max_new_tokens", "top_k", "seed", "think_budget"):
@@ -191,6 +200,7 @@ def sample_decode(model, inputs_embeds: jax.Array, mask: jax.Array, prompt_ids: 
     eos = jnp.asarray(cfg.eos_ids, jnp.int32)
     use_penalty = cfg.repetition_penalty != 1.0
     use_think = cfg.think_budget > 0
+    use_stops = bool(cfg.stop_ids)
     forced_seq = jnp.asarray(cfg.forced_ids if use_think else (0,), jnp.int32)
 
     logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=mask, cache=model.init_cache(b, t + n))
@@ -204,6 +214,8 @@ def sample_decode(model, inputs_embeds: jax.Array, mask: jax.Array, prompt_ids: 
             cols = jnp.where(mask, jnp.asarray(prompt_ids, jnp.int32), logits.shape[-1])  # padding: dropped
             seen = seen.at[rows[:, None], cols].set(True, mode="drop")
         state["seen"] = seen
+    if use_stops:
+        state["stop_window"] = jnp.full((b, max(map(len, cfg.stop_ids))), PAD, jnp.int32)
     if use_think:
         width = max(len(cfg.think_open_ids), len(cfg.think_close_ids))
         window = jnp.full((b, width), PAD, jnp.int32)
@@ -232,6 +244,13 @@ def sample_decode(model, inputs_embeds: jax.Array, mask: jax.Array, prompt_ids: 
                    lengths=state["lengths"] + active.astype(jnp.int32))
         hit_eos = jnp.any(token[:, None] == eos[None], axis=1) if cfg.eos_ids else jnp.zeros((b,), bool)
         new["done"] = done | hit_eos | (new["lengths"] >= limit)
+        if use_stops:   # a row ends once its emitted tokens end with a stop sequence
+            window = jnp.where(active[:, None], jnp.concatenate([state["stop_window"][:, 1:], token[:, None]], 1),
+                               state["stop_window"])
+            hit = jnp.zeros((b,), bool)
+            for seq in cfg.stop_ids:
+                hit = hit | _ends_with(window, seq)
+            new.update(stop_window=window, done=new["done"] | (hit & active))
         if use_penalty:
             new["seen"] = state["seen"].at[rows, jnp.where(active, token, processed.shape[-1])].set(True, mode="drop")
         if use_think:
