@@ -23,9 +23,11 @@ from alm_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """One frozen audio encoder. `path`: HF dir, or `demo:whisper-tiny.en` for the bundled demo model."""
+    """One frozen audio encoder. `path`: HF dir, or `demo:whisper-tiny.en` for the bundled demo model.
+    `kind`: "whisper" (log-mel input) or "w2v_bert" (W2V-BERT 2.0, fbank input computed from the waveforms
+    on device; `pad_to_seconds` does not change its valid outputs, which its attention mask isolates)."""
     path: str = "demo:whisper-tiny.en"
-    kind: Literal["whisper"] = "whisper"
+    kind: Literal["whisper", "w2v_bert"] = "whisper"
     taps: tuple[int, ...] = (-1,)
     tap_indexing: Literal["blocks", "hf"] = "blocks"   # blocks: raw block outputs (DeSTA); hf: hidden_states (ALARM)
     pad_to_seconds: float | None = 30.0                # 30 s pad (DeSTA) or None = trim (ALARM)

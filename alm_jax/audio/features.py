@@ -62,11 +62,22 @@ def num_frames(samples: int, *, sample_rate: int = 16000, pad_to_seconds: float 
     return samples // HOP_LENGTH
 
 
-def encoder_frames(num_samples):
-    """Whisper-style encoder positions (stride-2 conv over log-mel frames) for `num_samples` valid 16 kHz
-    samples: `ceil((samples // 160) / 2)`. Works on ints and integer numpy/JAX arrays alike; the one
-    place this rule is written (connectors count their audio tokens from it)."""
-    return (num_samples // HOP_LENGTH + 1) // 2
+FRAME_RULES = ("whisper", "w2v_bert")   # encoder kinds (EncoderConfig.kind) with a frame rule below
+
+
+def encoder_frames(num_samples, kind: str = "whisper"):
+    """Valid encoder frames (50 Hz) for `num_samples` valid 16 kHz samples, by encoder kind; the one place these
+    rules are written (connectors count their audio tokens from them). Ints and integer numpy/JAX arrays alike.
+
+    whisper: stride-2 conv over log-mel frames, `ceil((samples // 160) / 2)`.
+    w2v_bert: stacked pairs of kaldi fbank frames, `(1 + (samples - 400) // 160) // 2` (0 below 400 samples);
+      one frame fewer than Whisper for most lengths (1 s: 49 vs 50)."""
+    if kind == "whisper":
+        return (num_samples // HOP_LENGTH + 1) // 2
+    if kind == "w2v_bert":
+        from alm_jax.audio.fbank import stacked_frames
+        return stacked_frames(num_samples)
+    raise AudioError(f"no encoder frame rule for encoder kind {kind!r}; known: {FRAME_RULES}")
 
 
 def window_samples(pad_to_seconds: float, sample_rate: int) -> int:

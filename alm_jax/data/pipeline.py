@@ -41,7 +41,7 @@ from alm_jax.data.bad_data import BadDataCounter, error_kind
 from alm_jax.data.records import Record
 from alm_jax.data.templates import ChatTokenizer
 from alm_jax.errors import AudioError, ConfigError, DataError
-from alm_jax.models.connectors import connector_class
+from alm_jax.models.connectors import connector_token_rule
 
 BAD = "__bad__"
 
@@ -63,7 +63,7 @@ class AudioSpec:
     def from_config(cls, cfg: TrainConfig) -> "AudioSpec":
         """The spec of a run: the connector kind's token rule, encoder 0's padding, `data.max_audio_seconds`."""
         model = cfg.model
-        rule = connector_class(model.connector.kind).token_rule(model.connector, len(model.encoders))
+        rule = connector_token_rule(model.connector, model.encoders)
         return cls(tokens_for_samples=rule, pad_to_seconds=model.encoders[0].pad_to_seconds,
                    max_seconds=cfg.data.max_audio_seconds)
 

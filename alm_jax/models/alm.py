@@ -1,7 +1,8 @@
 """The audio-language model: frozen encoder(s) -> trainable connector -> spliced into a frozen LLM.
 
-    audio `[N, S]` (N = batch * clips) --log-mel--> frozen encoders --stop_gradient--> per-layer states
-      (or audio_features `[N, n_mels, frames]`, the log-mel computed by the input pipeline on the host)
+    audio `[N, S]` (N = batch * clips) --each encoder's own features (Whisper: log-mel; W2V-BERT: stacked fbank
+      + attention mask from the valid samples)--> frozen encoders --stop_gradient--> per-layer states
+      (or audio_features `[N, n_mels, frames]`, the Whisper log-mel computed by the input pipeline on the host)
       --connector (a registered kind, `models/connectors`: DeSTA Q-Former | ALARM adapter [+ fusion] | MATS)-->
       audio tokens `[N, M, llm_dim]` (valid prefix per clip; N = B * C clips, C per sample)
     input_ids `[B, T]` --LLM embedding--> text embeddings; where `audio_clip[b, t] >= 0` the position takes
@@ -23,12 +24,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alm_jax.audio.fbank import w2v_bert_features
 from alm_jax.audio.features import log_mel, num_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.errors import ConfigError
-from alm_jax.models.connectors import EncoderInfo, connector_class
+from alm_jax.models.connectors import EncoderInfo, connector_class, token_rule_for
 from alm_jax.models.llm import DecoderLM
+from alm_jax.models.w2v_bert import W2VBertModel
 from alm_jax.models.whisper import WhisperEncoder
+
+ENCODER_MODULES = {"whisper": WhisperEncoder, "w2v_bert": W2VBertModel}   # EncoderConfig.kind -> module class
 
 
 def _resolve_taps(taps: Sequence[int], n_entries: int, indexing: str) -> tuple[int, ...]:
@@ -44,19 +49,20 @@ def encoder_info(encoder, cfg: EncoderConfig) -> EncoderInfo:
     n_layers = encoder.config.encoder_layers
     n_entries = n_layers if cfg.tap_indexing == "blocks" else n_layers + 1
     return EncoderInfo(dim=encoder.config.d_model, taps=_resolve_taps(cfg.taps, n_entries, cfg.tap_indexing),
-                       n_entries=n_entries)
+                       n_entries=n_entries, frames=cfg.kind)
 
 
 class AudioLanguageModel(nnx.Module):
     """Encoders (frozen) + connector (trainable) + LLM (frozen, optionally with LoRA).
 
-    `encoders`: WhisperEncoder modules (encoder 0 is the main stream); `encoder_cfgs`: their taps,
+    `encoders`: WhisperEncoder / W2VBertModel modules, as `encoder_cfgs[i].kind` says (encoder 0 is the main
+    stream); `encoder_cfgs`: their kinds, taps,
     tap indexing ("blocks" = raw block outputs, DeSTA; "hf" = hidden_states with 0 = embeddings, ALARM) and
     padding; `connector`: what to build between them and `llm`. Connector parameters are float32
     (`param_dtype`); the computation runs in `dtype`.
     """
 
-    def __init__(self, encoders: Sequence[WhisperEncoder], llm: DecoderLM, connector: ConnectorConfig,
+    def __init__(self, encoders: Sequence[WhisperEncoder | W2VBertModel], llm: DecoderLM, connector: ConnectorConfig,
                  encoder_cfgs: Sequence[EncoderConfig], *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         cls = connector_class(connector.kind)
@@ -65,22 +71,38 @@ class AudioLanguageModel(nnx.Module):
         if len(encoders) < cls.min_encoders:
             raise ConfigError(f"connector {connector.kind!r} fuses several encoders; configure at least "
                               f"{cls.min_encoders} (model.encoders)")
+        for i, (e, c) in enumerate(zip(encoders, encoder_cfgs)):
+            want = ENCODER_MODULES.get(c.kind)
+            if want is None or not isinstance(e, want):
+                modules = ", ".join(f"{k}: {m.__name__}" for k, m in ENCODER_MODULES.items())
+                raise ConfigError(f"model.encoders.{i}.kind={c.kind!r} but encoder {i} is a {type(e).__name__}; "
+                                  f"set the kind that matches the module ({modules})")
         self.encoders = nnx.List(list(encoders))
         self.llm = llm
         self.encoder_cfgs = tuple(encoder_cfgs)
         self.dtype = dtype
         infos = [encoder_info(e, c) for e, c in zip(encoders, encoder_cfgs)]
         self.connector = cls(connector, infos, llm.cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.token_rule = cls.token_rule(connector, len(encoders))
+        self.token_rule = token_rule_for(cls, connector, encoder_cfgs)
 
     # ---- audio side
 
-    def encoder_states(self, i: int, audio: jax.Array | None = None,
-                       features: jax.Array | None = None) -> list[jax.Array]:
-        """Encoder i on waveforms `[N, S]` (log-mel computed here) or on precomputed log-mel `features`
-        `[N, n_mels, frames]` (the pipeline's host option) -> the list its taps index (block outputs or HF
-        hidden_states), each `[N, frames', d]`, under stop_gradient (frozen: no backward pass through it)."""
+    def encoder_states(self, i: int, audio: jax.Array | None = None, features: jax.Array | None = None,
+                       audio_samples: jax.Array | None = None) -> list[jax.Array]:
+        """Encoder i on waveforms `[N, S]` (its own features computed here) or, for Whisper, on precomputed
+        log-mel `features` `[N, n_mels, frames]` (the pipeline's host option) -> the list its taps index (block
+        outputs or HF hidden_states), each `[N, frames', d]`, under stop_gradient (frozen: no backward pass
+        through it). W2V-BERT takes the waveforms and `audio_samples` `[N]` (valid samples: its per-clip
+        normalization and attention mask; default all S); its frames' = ceil(F / 2), F = 1 + (S - 400) // 160."""
         enc, cfg = self.encoders[i], self.encoder_cfgs[i]
+        if cfg.kind == "w2v_bert":
+            if audio is None:
+                raise ConfigError(f"encoder {i} (w2v_bert) computes its fbank from the waveforms, but the batch holds "
+                                  "only host log-mel features; set data.host_features=false")
+            feats, mask = w2v_bert_features(audio, audio_samples)
+            out = enc(feats.astype(enc.dtype), mask)
+            states = out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+            return [jax.lax.stop_gradient(s) for s in states]
         if features is not None:
             feats = self._check_features(i, features)
         elif audio is not None:
@@ -112,7 +134,8 @@ class AudioLanguageModel(nnx.Module):
         None), audio_samples `[N]` valid samples -> `[N, M, llm_dim]` where clip n's first
         `num_audio_tokens(audio_samples[n])` rows are its tokens. Host features serve every encoder, so
         they must fit each one's mel bins and padding."""
-        states = [self.encoder_states(i, audio, features) for i in range(len(self.connector.encoder_taps))]
+        states = [self.encoder_states(i, audio, features, audio_samples)
+                  for i in range(len(self.connector.encoder_taps))]
         return self.connector(states, audio_samples)
 
     def num_audio_tokens(self, num_samples: int) -> int:

@@ -202,7 +202,8 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     keys). Returns the forward FLOPs of the whole batch by part, `{'encoder', 'connector', 'llm', 'lora'}`,
     and `'train'`, the step total with the multipliers of `flops.alm_train_flops` (see the module doc).
 
-    Encoder and LLM are counted from their configs (`training/flops.py`). The connector (any kind) is
+    Encoder and LLM are counted from their configs (`training/flops.py`); an encoder family without a
+    formula (W2V-BERT) is counted from its traced program. The connector (any kind) is
     what remains of the matmul FLOPs of the traced forward after the encoders, the log-mel filterbank
     and the LLM (all traced alone, on the same shapes) are taken out."""
     import jax
@@ -222,6 +223,12 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     encoder = taken = 0
     for i in used:
         c, ecfg = model.encoders[i].config, model.encoder_cfgs[i]
+        if not hasattr(c, "num_mel_bins"):   # no analytic formula (e.g. W2V-BERT): its traced program, features
+            def states(st, a, n, i=i):        # included, every layer (an upper bound when the taps stop earlier)
+                return nnx.merge(graphdef, st).encoder_states(i, a, None, n)
+            own = trace(states, sample["audio"], sample["audio_samples"])
+            taken, encoder = taken + own, encoder + own
+            continue
         if "audio_features" in sample:
             feats = sample["audio_features"]
         else:

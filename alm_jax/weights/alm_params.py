@@ -22,10 +22,12 @@ from alm_jax.models.connectors import connector_class
 from alm_jax.models.lora import apply_lora
 from alm_jax.weights.demo_models import DEMO_PREFIX
 from alm_jax.weights.llm_params import load_llm
+from alm_jax.weights.w2v_bert_params import load_w2v_bert
 from alm_jax.weights.whisper_params import load_whisper_encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ENCODER_LOADERS = {"whisper": load_whisper_encoder}   # EncoderConfig.kind -> loader(dir, dtype=, mesh=)
+ENCODER_LOADERS = {"whisper": load_whisper_encoder,   # EncoderConfig.kind -> loader(dir, dtype=, mesh=)
+                   "w2v_bert": load_w2v_bert}
 
 
 def model_dir(path: str, key: str) -> str:

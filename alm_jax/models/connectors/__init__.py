@@ -17,7 +17,7 @@ from alm_jax.errors import ConfigError
 from alm_jax.models.connectors.alarm import AlarmCAConnector, AlarmConnector, AlarmPConnector, SumConnector
 from alm_jax.models.connectors.alarm_adapter import (
     AlarmAdapter, AlarmAdapterConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig)
-from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule
+from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule, token_rule_for
 from alm_jax.models.connectors.common import BatchNorm1d, LayerSoftmaxAverage, MultiHeadAttention
 from alm_jax.models.layers import Conv1d
 from alm_jax.models.connectors.fusion import (
@@ -39,6 +39,11 @@ CONNECTORS: dict[str, type[Connector]] = {
 }
 
 
+def connector_token_rule(cc, encoders) -> TokenRule:
+    """Audio tokens of a clip for connector config `cc` and encoder configs `encoders` (see `token_rule_for`)."""
+    return token_rule_for(connector_class(cc.kind), cc, encoders)
+
+
 def connector_class(kind: str) -> type[Connector]:
     """The registered class of connector `kind` (`model.connector.kind`)."""
     if kind not in CONNECTORS:
@@ -47,7 +52,8 @@ def connector_class(kind: str) -> type[Connector]:
 
 
 __all__ = [
-    "CONNECTORS", "connector_class", "Connector", "EncoderInfo", "TokenRule", "DestaConnector", "AlarmConnector",
+    "CONNECTORS", "connector_class", "connector_token_rule", "token_rule_for", "Connector", "EncoderInfo",
+    "TokenRule", "DestaConnector", "AlarmConnector",
     "AlarmCAConnector", "AlarmPConnector", "SumConnector", "MatsConnector",
     "AlarmAdapter", "AlarmAdapterConfig", "IdentityAdapter", "IdentityAdapterConfig", "MLPAdapter",
     "MLPAdapterConfig", "BatchNorm1d", "Conv1d", "LayerSoftmaxAverage", "MultiHeadAttention", "AudioBoundary",

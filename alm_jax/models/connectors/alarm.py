@@ -8,8 +8,9 @@ of several encoders, and learned start/end boundary tokens around each clip.
     alarm_p   other encoders (raw states) -> one Perceiver each (latents) prefixed to
               the adapted encoder 0 -> boundary                                        ceil(F/2) + 2 + L*(E-1) + 2
 
-F = encoder frames of the clip's valid samples (`alm_jax.audio.features.encoder_frames`), L = Perceiver
-latents, E = encoders. Outputs `[N, M, llm_dim]`; rows past a clip's count are zero padding.
+F = encoder 0's frames for the clip's valid samples (`alm_jax.audio.features.encoder_frames` with encoder 0's
+rule; every other stream is masked by its own encoder's rule), L = Perceiver latents, E = encoders.
+Outputs `[N, M, llm_dim]`; rows past a clip's count are zero padding.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from alm_jax.models.connectors.fusion import (
     AudioBoundary, CrossAttentionFusion, CrossAttentionFusionConfig, PerceiverConfig, PerceiverFusion,
     PerceiverFusionConfig, SumFusion)
 
-ADAPTED = TokenRule()   # ceil(F / 2): the adapter's output length before boundary / fusion tokens
 
 
 class _AlarmFamily(Connector):
@@ -49,6 +49,11 @@ class _AlarmFamily(Connector):
         self.adapters = nnx.List(adapters)
         self.boundary = AudioBoundary(llm_dim, **kw)
         self.encoder_taps = tuple(e.taps for e in encoders[:n_read])
+        self.frame_rules = tuple(e.frames for e in encoders[:n_read])
+
+    def adapted(self, audio_samples: jax.Array, i: int = 0) -> jax.Array:
+        """Valid adapter outputs `[N]` of encoder i's stream: ceil(its frames / 2)."""
+        return TokenRule(frames=self.frame_rules[i])(audio_samples)
 
 
 class AlarmConnector(_AlarmFamily):
@@ -61,7 +66,7 @@ class AlarmConnector(_AlarmFamily):
         self._finish([self._adapter(cc, encoders[0], llm_dim, kw)], encoders, 1, llm_dim, kw)
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
-        return self.boundary(self.adapters[0](states[0]), ADAPTED(audio_samples))
+        return self.boundary(self.adapters[0](states[0]), self.adapted(audio_samples))
 
 
 class SumConnector(_AlarmFamily):
@@ -78,7 +83,7 @@ class SumConnector(_AlarmFamily):
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
         streams = [a(s) for a, s in zip(self.adapters, states)]
-        return self.boundary(self.fusion(streams), ADAPTED(audio_samples))
+        return self.boundary(self.fusion(streams), self.adapted(audio_samples))
 
 
 class AlarmCAConnector(_AlarmFamily):
@@ -98,10 +103,11 @@ class AlarmCAConnector(_AlarmFamily):
         self._finish(adapters, encoders, len(encoders), llm_dim, kw)
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
-        lengths = ADAPTED(audio_samples)
+        lengths = [self.adapted(audio_samples, i) for i in range(len(states))]
         main, *conds = [a(s) for a, s in zip(self.adapters, states)]
-        valid = lambda x: jnp.arange(x.shape[1])[None] < lengths[:, None]   # noqa: E731
-        return self.boundary(self.fusion(main, conds, valid(main), [valid(c) for c in conds]), lengths)
+        valid = lambda x, n: jnp.arange(x.shape[1])[None] < n[:, None]   # noqa: E731
+        cmasks = [valid(c, n) for c, n in zip(conds, lengths[1:])]
+        return self.boundary(self.fusion(main, conds, valid(main, lengths[0]), cmasks), lengths[0])
 
 
 class AlarmPConnector(_AlarmFamily):
@@ -127,8 +133,8 @@ class AlarmPConnector(_AlarmFamily):
         self._finish(adapters, encoders, len(encoders), llm_dim, kw)
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
-        frames = encoder_frames(audio_samples)
         main, *conds = [a(s) for a, s in zip(self.adapters, states)]
-        cmasks = [jnp.arange(c.shape[1])[None] < frames[:, None] for c in conds]
+        frames = [encoder_frames(audio_samples, rule) for rule in self.frame_rules[1:]]
+        cmasks = [jnp.arange(c.shape[1])[None] < f[:, None] for c, f in zip(conds, frames)]
         fused = self.fusion(main, conds, cmasks)
-        return self.boundary(fused, ADAPTED(audio_samples) + self.fusion.n_extra_tokens)
+        return self.boundary(fused, self.adapted(audio_samples) + self.fusion.n_extra_tokens)

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from alm_jax.audio.features import encoder_frames
-from alm_jax.config import ConnectorConfig
+from alm_jax.config import ConnectorConfig, EncoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,23 +32,27 @@ class TokenRule:
 
     `fixed > 0`: a query-based connector (DeSTA Q-Former, MATS mapper) gives `fixed` tokens whatever
     the length. Otherwise: `ceil(encoder_frames / 2)` (the ALARM adapters downsample by 2) + `extra`
-    (boundary and fusion-prefix tokens)."""
+    (boundary and fusion-prefix tokens), the frames counted by the rule of encoder kind `frames` (encoder 0's
+    kind: `token_rule_for` sets it)."""
     fixed: int = 0
     extra: int = 0
+    frames: str = "whisper"
 
     def __call__(self, num_samples):
         if self.fixed > 0:
             return self.fixed if isinstance(num_samples, int) else num_samples * 0 + self.fixed
-        return (encoder_frames(num_samples) + 1) // 2 + self.extra
+        return (encoder_frames(num_samples, self.frames) + 1) // 2 + self.extra
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderInfo:
     """What a connector needs to know of one frozen encoder: its width, the state entries its config taps
-    (resolved, non-negative) and how many entries its state list has."""
+    (resolved, non-negative), how many entries its state list has, and its kind's frame rule
+    (`alm_jax.audio.features.encoder_frames(samples, frames)`: valid state rows of a clip)."""
     dim: int
     taps: tuple[int, ...]
     n_entries: int
+    frames: str = "whisper"
 
 
 class Connector(nnx.Module):
@@ -64,3 +68,10 @@ class Connector(nnx.Module):
 
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         raise NotImplementedError
+
+
+def token_rule_for(cls: type[Connector], cc: ConnectorConfig, encoders: Sequence[EncoderConfig]) -> TokenRule:
+    """The token rule of connector class `cls` under `cc` for these encoders: the kind's rule, counting frames
+    with encoder 0's frame rule (its `kind`). The model and the input pipeline both build theirs here."""
+    rule = cls.token_rule(cc, len(encoders))
+    return rule if rule.fixed > 0 else dataclasses.replace(rule, frames=encoders[0].kind)
