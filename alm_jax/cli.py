@@ -5,7 +5,8 @@
     alm generate --recipe R --source S --llm DIR --out CORPUS   write a self-generated corpus
     alm serve --llm DIR             an OpenAI-compatible chat endpoint over our sampler (loopback)
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
-    alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss today)
+    alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss, benchmark suites)
+    alm eval score --benchmark B --predictions FILE   score MMAU / MMSU / MMAR predictions (official rules)
     alm demo                        the main job on CPU with the bundled real models
 """
 
@@ -54,17 +55,44 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval_score(args) -> int:
+    """`alm eval score`: a predictions file in a benchmark's layout -> its report (official matching rule)."""
+    import json
+
+    from alm_jax.evaluation.multiple_choice import BENCHMARKS, load_items, score, summary_line
+    if len(args.checkpoints) > 1:
+        raise ConfigError(f"`alm eval score` takes no checkpoint directories (got {args.checkpoints[1:]}); "
+                          "give --benchmark and --predictions")
+    if args.benchmark not in BENCHMARKS or not args.predictions:
+        raise ConfigError(f"`alm eval score` needs --benchmark {{{','.join(BENCHMARKS)}}} and --predictions FILE "
+                          "(the benchmark's items with the model's outputs)")
+    report = score(args.benchmark, load_items(args.predictions), key=args.key, rule=args.rule)
+    print(summary_line(report), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        print(f"report: {out}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     import json
 
+    if args.checkpoints[0] == "score":
+        return _cmd_eval_score(args)
     from alm_jax.config import from_dict, TrainConfig
-    from alm_jax.evaluation import EVALUATORS
+    from alm_jax.evaluation import EVALUATORS, check_suites, suite_config
+    from alm_jax.evaluation.benchmarks import replace_suite
+    from alm_jax.evaluation.report import markdown_table, progress_printer
     from alm_jax.training.checkpoint import Checkpointer, restore_params
     from alm_jax.weights.alm_params import build_alm
     from alm_jax.weights.demo_models import resolve_demo_paths
     if args.suite not in EVALUATORS:
         raise ConfigError(f"--suite {args.suite!r}: choose one of {sorted(EVALUATORS)}")
-    rows = {}
+    if args.suite != "loss" and args.data and len(args.data) > 1:
+        raise ConfigError(f"--suite {args.suite} reads one items / prompts file; got --data {args.data}")
+    rows, details = {}, {}
     for directory in args.checkpoints:
         reader = Checkpointer(directory, read_only=True)
         stored = reader.restore_config(args.step)
@@ -73,18 +101,34 @@ def _cmd_eval(args) -> int:
             raise ConfigError(f"{directory} holds no run config; give the checkpoint.dir of an `alm train` run")
         cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
         model, step = restore_params(build_alm(cfg.model, seed=cfg.seed), directory, args.step)
-        corpora = args.data or list(cfg.eval.corpus)
-        if not corpora:
-            raise ConfigError(f"no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
-        ev = EVALUATORS[args.suite](cfg, corpora, batches=args.batches, batch_size=args.batch_size)
+        if args.suite == "loss":
+            corpora = args.data or list(cfg.eval.corpus)
+            if not corpora:
+                raise ConfigError(f"no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
+            ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1)
+        else:
+            check_suites(cfg.eval)
+            suite = replace_suite(suite_config(cfg.eval, args.suite), data=args.data[0] if args.data else None,
+                                  audio_root=args.audio_root, prompt=args.prompt, limit=args.limit,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            ev = EVALUATORS[args.suite].build(cfg, suite)
+            ev.progress = progress_printer(f"{args.suite} {directory}")
         rows[str(directory)] = {"step": step, **ev.run(model)}
+        if getattr(ev, "details", None) is not None:
+            details[str(directory)] = ev.details
         print(f"{directory} (step {step}): " + ", ".join(f"{k} {v:.4f}" for k, v in rows[str(directory)].items()
                                                          if k != "step"), flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.suite}.json").write_text(json.dumps(rows, indent=2))
-        print(f"results: {out / (args.suite + '.json')}")
+        (out / f"{args.suite}.md").write_text(markdown_table(rows, title=args.suite))
+        for i, (directory, d) in enumerate(details.items()):
+            path = out / f"{args.suite}-details" / f"{i}-{Path(directory).name or 'run'}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps({"checkpoint": directory, **d}, indent=1, ensure_ascii=False))
+        print(f"results: {out / (args.suite + '.json')}, {out / (args.suite + '.md')}"
+              + (f", per-item answers in {out / (args.suite + '-details')}" if details else ""))
     return 0
 
 
@@ -118,14 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-host initialization (auto-detects TPU, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS)")
     tr.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate trained checkpoints (restored weights, no optimizer)")
-    ev.add_argument("checkpoints", nargs="+", help="checkpoint.dir of one or more `alm train` runs")
-    ev.add_argument("--suite", default="loss", help="evaluator: loss (held-out loss)")
-    ev.add_argument("--data", nargs="*", default=None, help="corpus directories (default: the run's eval.corpus)")
+    ev = sub.add_parser("eval", help="evaluate trained checkpoints (restored weights, no optimizer), or score "
+                        "benchmark predictions (`alm eval score ...`)")
+    ev.add_argument("checkpoints", nargs="+", help="checkpoint.dir of one or more `alm train` runs, or `score` "
+                    "(then --benchmark, --predictions, --out REPORT.json)")
+    ev.add_argument("--suite", default="loss", help="evaluator: loss (held-out loss), mmau, mmsu, mmar, "
+                    "hallucination, forgetting, multi_audio (settings: the run's eval.suites entry + the flags below)")
+    ev.add_argument("--data", nargs="*", default=None, help="loss: corpus directories (default: the run's "
+                    "eval.corpus); mmau/mmsu/mmar: the items file; forgetting: a prompts JSONL")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ev.add_argument("--batches", type=int, default=0, help="global batches to read (0 = the whole corpus once)")
-    ev.add_argument("--batch-size", type=int, default=1, help="global batch size (1 counts every record)")
-    ev.add_argument("--out", default=None, help="directory for <suite>.json")
+    ev.add_argument("--batch-size", type=int, default=None, help="loss: global batch size (default 1: counts every "
+                    "record); suites: rows per generate call")
+    ev.add_argument("--audio-root", default=None, help="suites: where the items' audio paths resolve")
+    ev.add_argument("--prompt", default=None, choices=["desta", "plain", "official"], help="multiple-choice prompt")
+    ev.add_argument("--limit", type=int, default=None, help="suites: the first N items / clips / prompts")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="suites: answer length limit")
+    ev.add_argument("--out", default=None, help="directory for <suite>.json and <suite>.md (score: the report file)")
+    ev.add_argument("--benchmark", default=None, help="score: mmau, mmsu or mmar")
+    ev.add_argument("--predictions", default=None, help="score: the items (JSON list or JSON lines) with outputs")
+    ev.add_argument("--key", default=None, help="score: the output key (default: the official one: MMAU "
+                    "model_output, MMSU response, MMAR answer_prediction)")
+    ev.add_argument("--rule", default="official", choices=["official", "string_match"],
+                    help="score: MMSU's official letter rule or MMAU's text rule over its choices")
     ev.set_defaults(func=_cmd_eval)
 
     from alm_jax.generation.run import add_parser as add_generate, add_serve_parser

@@ -113,11 +113,28 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """Settings of one evaluation suite (an `eval.suites` entry, found by `name`; see alm_jax/evaluation)."""
+    name: str = ""                # the suite (an EVALUATORS name): mmau | mmsu | mmar | hallucination | forgetting | multi_audio
+    data: str = ""                # mmau/mmsu/mmar: the benchmark's items file; forgetting: a prompts JSONL (optional)
+    audio_root: str = ""          # where item audio paths resolve (default: the items file's directory)
+    prompt: Literal["desta", "plain", "official"] = "desta"   # official = MMSU's letter prompt
+    rule: Literal["auto", "official", "string_match"] = "auto"   # auto: official, MMSU's letter rule only with its prompt
+    limit: int = 0                # the first N items / clips / prompts (0 = all)
+    batch_size: int = 8           # rows per generate call
+    max_new_tokens: int = 64
+    clips: int = 40               # hallucination / multi_audio: held-out demo clips (or pairs)
+    seed: int = 1                 # hallucination / multi_audio: the held-out demo source's seed (train on others)
+    kl: bool = True               # forgetting: also the mean token KL (keeps the backbone in memory)
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every: int = 0                # 0 = off
     batches: int = 4
-    corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0)
+    corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0 and "loss" runs)
     evaluators: tuple[str, ...] = ("loss",)   # names in alm_jax/evaluation/__init__.py::EVALUATORS
+    suites: tuple[SuiteConfig, ...] = ()      # per-suite settings for the evaluators named above
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,12 @@ class HeldOutLoss:
                                   batch_size=batch_size, what="eval.corpus")
         self._graphdef = self._step = None
 
+    @classmethod
+    def build(cls, cfg: TrainConfig, suite=None, *, data_shards: int | None = None, mesh=None,
+              prefix: str = "eval/") -> "HeldOutLoss":
+        """From the run config: `eval.corpus`, `eval.batches` (the suite settings are not used)."""
+        return cls(cfg, cfg.eval.corpus, batches=cfg.eval.batches, data_shards=data_shards, mesh=mesh, prefix=prefix)
+
     def run(self, model) -> dict[str, float]:
         graphdef, trainable, frozen = split_trainable(model)
         if self._step is None or graphdef != self._graphdef:
