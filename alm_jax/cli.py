@@ -104,7 +104,7 @@ def _cmd_eval(args) -> int:
         if args.suite == "loss":
             corpora = args.data or list(cfg.eval.corpus)
             if not corpora:
-                raise ConfigError(f"no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
+                raise ConfigError("no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
             ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1)
         else:
             check_suites(cfg.eval)

@@ -187,7 +187,13 @@ def test_one_step_changes_only_connector_and_frozen_have_no_optimizer_state():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CONNECTORS))
 def test_tiny_alm_overfits_a_batch(kind):
-    model = make_model(kind)
+    losses = overfit(make_model(kind))
+    assert losses[-1] < 0.05, f"{kind}: loss {losses[0]:.3f} -> {losses[-1]:.3f} after {len(losses)} steps"
+
+
+def overfit(model, max_steps: int = 300) -> list[float]:
+    """Train `model`'s connector on one batch of 8 clips -> their own 4-token texts until the loss is < 0.05
+    (or `max_steps`); the per-step losses."""
     graphdef, trainable, frozen = split_trainable(model)
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=10, total_steps=300, weight_decay=0.0, clip_norm=1.0))
     opt = tx.init(trainable)
@@ -196,13 +202,13 @@ def test_tiny_alm_overfits_a_batch(kind):
     texts = [list(r.integers(10, VOCAB, 4)) for _ in range(8)]
     batch = make_batch(model, clips(8, seed=3), texts)
     losses = []
-    for i in range(300):
+    for i in range(max_steps):
         st, m = step(TrainState(trainable, opt), frozen, batch, i)
         trainable, opt = st.trainable, st.opt_state
         losses.append(float(m["loss"]))
         if losses[-1] < 0.05:
             break
-    assert losses[-1] < 0.05, f"{kind}: loss {losses[0]:.3f} -> {losses[-1]:.3f} after {len(losses)} steps"
+    return losses
 
 
 def test_generate_with_cache_equals_full_recomputation():

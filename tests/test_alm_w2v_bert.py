@@ -6,19 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_alm import VOCAB, clips, loss_fn, make_batch, tiny_encoder, tiny_llm
+from test_alm import clips, overfit, tiny_encoder, tiny_llm
 from test_w2v_bert import save_tiny_w2v_bert
 
 import alm_jax
 from alm_jax.audio.fbank import fbank_frames, stacked_frames, w2v_bert_features
 from alm_jax.audio.features import encoder_frames
-from alm_jax.config import ConnectorConfig, EncoderConfig, ModelConfig, OptimConfig
+from alm_jax.config import ConnectorConfig, EncoderConfig, ModelConfig
 from alm_jax.errors import AudioError, ConfigError, WeightImportError
 from alm_jax.models.alm import AudioLanguageModel, split_trainable
 from alm_jax.models.connectors import connector_token_rule
 from alm_jax.models.w2v_bert import W2VBertConfig, W2VBertModel
 from alm_jax.models.whisper import WhisperEncoder
-from alm_jax.training.step import TrainState, build_train_step, make_optimizer
 
 SR = 16000
 CA = ConnectorConfig(kind="alarm_ca", adapter_dim=32, num_layers=1, num_heads=4, hidden=32)
@@ -136,21 +135,9 @@ def test_alarm_ca_masks_each_stream_by_its_own_frames():
 @pytest.mark.slow
 def test_alarm_ca_whisper_plus_w2v_bert_overfits_a_batch():
     model = fused_model()
-    graphdef, trainable, frozen = split_trainable(model)
+    _, trainable, _ = split_trainable(model)
     assert all(".encoders." not in "." + ".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable))
-    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=10, total_steps=300, weight_decay=0.0, clip_norm=1.0))
-    opt = tx.init(trainable)
-    step = build_train_step(graphdef, tx, loss_fn)
-    r = np.random.default_rng(0)
-    texts = [list(r.integers(10, VOCAB, 4)) for _ in range(8)]
-    batch = make_batch(model, clips(8, seed=3), texts)
-    losses = []
-    for i in range(300):
-        st, m = step(TrainState(trainable, opt), frozen, batch, i)
-        trainable, opt = st.trainable, st.opt_state
-        losses.append(float(m["loss"]))
-        if losses[-1] < 0.05:
-            break
+    losses = overfit(model)
     print(f"\n  ALARM-CA (Whisper + W2V-BERT): loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps")
     assert losses[-1] < 0.05, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} after {len(losses)} steps"
 

@@ -16,7 +16,7 @@ written by `alm eval --out`).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -26,3 +26,16 @@ class Evaluator(Protocol):
     def run(self, model) -> dict[str, float]:
         """Metrics of `model` (an `AudioLanguageModel`), keyed `"<prefix><metric>"`."""
         ...
+
+
+class GenerationSuite:
+    """Shared by the suites that generate answers: built from `(cfg, SuiteConfig)`; `details` (the last run's
+    per-item answers and report) and `progress` (a `(done, total)` callback) for `alm eval`. `takes_mesh`:
+    the constructor also takes the run's mesh (suites that load a copy of the backbone)."""
+    details: dict[str, Any] | None = None
+    progress: Callable[[int, int], None] | None = None
+    takes_mesh = False
+
+    @classmethod
+    def build(cls, cfg, suite, *, data_shards: int | None = None, mesh=None, prefix: str = "eval/"):
+        return cls(cfg, suite, prefix=prefix, **({"mesh": mesh} if cls.takes_mesh else {}))

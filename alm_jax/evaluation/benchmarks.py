@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from alm_jax.config import SuiteConfig, TrainConfig
 from alm_jax.data.records import Record
 from alm_jax.errors import ConfigError, DataError
+from alm_jax.evaluation.base import GenerationSuite
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.multiple_choice import OUTPUT_KEYS, answer_of, choices_of, load_items, score
 from alm_jax.recipes.base import TRAINING_SYSTEM_PROMPT, chat, training_audio
@@ -99,7 +100,7 @@ def resolve_audio(root: Path, relative: str) -> Path | None:
     return None
 
 
-class MultipleChoiceSuite:
+class MultipleChoiceSuite(GenerationSuite):
     """A benchmark's items answered by the ALM from audio and scored by the official rule (module docstring).
 
     `run(model) -> {prefix + name + "/accuracy": percent, ".../task/<t>": percent, ...}`; `details`: the last
@@ -149,13 +150,7 @@ class MultipleChoiceSuite:
             raise DataError(f"suite {self.name}: {len(missing)} of {len(self.items)} audio files are missing under "
                             f"{root} (first: {missing[0]}); download the benchmark audio there or set audio_root")
         self.answerer = Answerer(cfg, batch_size=suite.batch_size, max_new_tokens=suite.max_new_tokens)
-        self.details: dict[str, Any] | None = None
-        self.progress: Callable[[int, int], None] | None = None
 
-    @classmethod
-    def build(cls, cfg: TrainConfig, suite: SuiteConfig, *, data_shards: int | None = None, mesh=None,
-              prefix: str = "eval/"):
-        return cls(cfg, suite, prefix=prefix)
 
     def messages(self, item: dict) -> list[dict[str, str]]:
         """The chat for one item under this suite's prompt (one audio placeholder)."""

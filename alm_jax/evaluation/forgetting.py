@@ -32,10 +32,11 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from alm_jax.config import SuiteConfig, TrainConfig
 from alm_jax.errors import ConfigError, DataError
+from alm_jax.evaluation.base import GenerationSuite
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.weights.alm_params import DTYPES, model_dir
 from alm_jax.weights.llm_params import load_llm
@@ -146,9 +147,10 @@ def load_prompts(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-class ForgettingSuite:
+class ForgettingSuite(GenerationSuite):
     """Text-only answers of the ALM against its freshly loaded frozen backbone (module docstring)."""
     name = "forgetting"
+    takes_mesh = True
 
     def __init__(self, cfg: TrainConfig, suite: SuiteConfig, *, prefix: str = "eval/", backbone=None, mesh=None):
         rows = load_prompts(suite.data) if suite.data else (
@@ -162,13 +164,7 @@ class ForgettingSuite:
         self.backbone = backbone if backbone is not None else load_llm(
             model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh)
         self._reference = None    # the backbone's answers, computed once
-        self.details: dict[str, Any] | None = None
-        self.progress: Callable[[int, int], None] | None = None
 
-    @classmethod
-    def build(cls, cfg: TrainConfig, suite: SuiteConfig, *, data_shards: int | None = None, mesh=None,
-              prefix: str = "eval/"):
-        return cls(cfg, suite, prefix=prefix, mesh=mesh)
 
     def reference(self):
         """The backbone's greedy answers (computed on first use; the backbone is frozen)."""

@@ -27,7 +27,7 @@ sound), `yes_rate` (share of all answers that read yes), `unparsed_rate`, and th
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from alm_jax.data.metadata import ClipMeta
 from alm_jax.data.records import Record
 from alm_jax.data.sources.demo import DemoSource
 from alm_jax.errors import ConfigError
+from alm_jax.evaluation.base import GenerationSuite
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.recipes.base import TRAINING_SYSTEM_PROMPT, chat, training_audio
 from alm_jax.recipes.cooccurrence import Cooccurrence
@@ -90,7 +91,7 @@ def yes_no_metrics(expected: Sequence[str], answers: Sequence[str | None]) -> di
             "unparsed_rate": 100.0 * sum(a is None for a in answers) / n, "questions": float(n)}
 
 
-class HallucinationSuite:
+class HallucinationSuite(GenerationSuite):
     """Balanced present/absent yes/no questions on held-out demo clips (module docstring)."""
     name = "hallucination"
 
@@ -124,13 +125,7 @@ class HallucinationSuite:
         if not self.questions:
             raise ConfigError(f"suite {self.name}: none of the {suite.clips} demo clips has both a present and an "
                               "absent label; use more clips")
-        self.details: dict[str, Any] | None = None
-        self.progress: Callable[[int, int], None] | None = None
 
-    @classmethod
-    def build(cls, cfg: TrainConfig, suite: SuiteConfig, *, data_shards: int | None = None, mesh=None,
-              prefix: str = "eval/"):
-        return cls(cfg, suite, prefix=prefix)
 
     def run(self, model) -> dict[str, float]:
         answers = self.answerer.alm(model, self.records, self.progress)

@@ -34,7 +34,7 @@ An unreadable answer is wrong and agrees with nothing.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.data.seed_descriptions import format_span
 from alm_jax.data.sources.demo import KINDS, DemoSource
 from alm_jax.errors import ConfigError
+from alm_jax.evaluation.base import GenerationSuite
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.hallucination import read_yes_no
 from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio,
@@ -79,9 +80,10 @@ def _speech_meta(clip_id: str, text: str, voice: str, seconds: float, sample_rat
                     speech=(Speech(text, 0.0, seconds, {"gender": synth.VOICES[voice]}),))
 
 
-class MultiAudioSuite:
+class MultiAudioSuite(GenerationSuite):
     """Two-clip closed-form questions on held-out synthetic audio, with backbone agreement (module docstring)."""
     name = "multi_audio"
+    takes_mesh = True
 
     def __init__(self, cfg: TrainConfig, suite: SuiteConfig, *, prefix: str = "eval/", backbone=None, mesh=None):
         if cfg.data.max_clips < 2:
@@ -119,13 +121,7 @@ class MultiAudioSuite:
         self.backbone = backbone if backbone is not None else load_llm(
             model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh)
         self._reference: list[str] | None = None
-        self.details: dict[str, Any] | None = None
-        self.progress: Callable[[int, int], None] | None = None
 
-    @classmethod
-    def build(cls, cfg: TrainConfig, suite: SuiteConfig, *, data_shards: int | None = None, mesh=None,
-              prefix: str = "eval/"):
-        return cls(cfg, suite, prefix=prefix, mesh=mesh)
 
     # ---- items
 

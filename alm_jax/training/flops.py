@@ -215,7 +215,6 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     graphdef, state = nnx.split(model)
     params = _abstract(state)
     sample = _abstract(dict(sample))
-    clips = sample["audio_samples"].shape[0]
     text_len = sample["input_ids"].shape[1]
     trace = lambda f, *args: matmul_flops(jax.make_jaxpr(f)(params, *args))   # noqa: E731
     used = range(len(model.connector.encoder_taps))
@@ -256,8 +255,9 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     return out
 
 
-def one_sample(batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes of one sample of a pipeline batch (every leading axis divided by the batch size)."""
+def one_sample(batch: dict[str, Any]) -> dict[str, Any]:
+    """`jax.ShapeDtypeStruct`s of one sample of a pipeline batch (numpy arrays; every leading axis divided by
+    the batch size)."""
     import jax
     b = batch["input_ids"].shape[0]
     return {k: jax.ShapeDtypeStruct((v.shape[0] // b, *v.shape[1:]), v.dtype) for k, v in batch.items()}
