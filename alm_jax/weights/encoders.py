@@ -15,11 +15,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from alm_jax.errors import WeightImportError
+from alm_jax.weights.clap_params import load_clap
 from alm_jax.weights.hf_import import read_config
 from alm_jax.weights.w2v_bert_params import load_w2v_bert
 from alm_jax.weights.whisper_params import load_whisper_encoder
 
-LOADERS = {"whisper": load_whisper_encoder, "wav2vec2-bert": load_w2v_bert}   # config.json model_type -> loader
+LOADERS = {"whisper": load_whisper_encoder, "wav2vec2-bert": load_w2v_bert,   # config.json model_type -> loader
+           "clap": load_clap}
 ENCODER_KINDS = {"whisper": "whisper", "wav2vec2-bert": "w2v_bert"}          # model_type -> EncoderConfig.kind
 
 
