@@ -179,6 +179,15 @@ def test_resolve_resume(tmp_path):
 
 
 def test_preemption_guard_handlers():
+    # Python's own Ctrl-C handler, whatever the launcher left (a background job inherits SIGINT ignored)
+    launcher = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_preemption_guard_handlers()
+    finally:
+        signal.signal(signal.SIGINT, launcher)
+
+
+def _check_preemption_guard_handlers():
     before = signal.getsignal(signal.SIGINT)
     with PreemptionGuard() as guard:
         assert signal.getsignal(signal.SIGTERM) == guard._handle
