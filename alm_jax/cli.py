@@ -81,7 +81,7 @@ def _cmd_eval(args) -> int:
 
     if args.checkpoints[0] == "score":
         return _cmd_eval_score(args)
-    from alm_jax.config import from_dict, TrainConfig
+    from alm_jax.config import apply_override, from_dict, TrainConfig
     from alm_jax.evaluation import EVALUATORS, check_suites, suite_config
     from alm_jax.evaluation.benchmarks import replace_suite
     from alm_jax.evaluation.report import markdown_table, progress_printer
@@ -99,6 +99,11 @@ def _cmd_eval(args) -> int:
         reader.close()
         if stored is None:
             raise ConfigError(f"{directory} holds no run config; give the checkpoint.dir of an `alm train` run")
+        for override in args.set or ():
+            if override.split("=", 1)[0].startswith("model."):
+                raise ConfigError(f"--set {override}: the model is the checkpoint's; only data/eval settings "
+                                  "may change at evaluation time")
+            stored = apply_override(stored, override)
         cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
         model, step = restore_params(build_alm(cfg.model, seed=cfg.seed), directory, args.step)
         if args.suite == "loss":
@@ -178,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt", default=None, choices=["desta", "plain", "official"], help="multiple-choice prompt")
     ev.add_argument("--limit", type=int, default=None, help="suites: the first N items / clips / prompts")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="suites: answer length limit")
+    ev.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                    help="override the stored run config for this evaluation (repeatable), e.g. "
+                    "--set data.max_clips=2 for the multi_audio suite; model.* cannot change")
     ev.add_argument("--out", default=None, help="directory for <suite>.json and <suite>.md (score: the report file)")
     ev.add_argument("--benchmark", default=None, help="score: mmau, mmsu or mmar")
     ev.add_argument("--predictions", default=None, help="score: the items (JSON list or JSON lines) with outputs")

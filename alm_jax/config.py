@@ -24,10 +24,12 @@ from alm_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """One frozen audio encoder. `path`: HF dir, or `demo:whisper-tiny.en` for the bundled demo model.
-    `kind`: "whisper" (log-mel input) or "w2v_bert" (W2V-BERT 2.0, fbank input computed from the waveforms
-    on device; `pad_to_seconds` does not change its valid outputs, which its attention mask isolates)."""
+    `kind`: "whisper" (log-mel input), "w2v_bert" (W2V-BERT 2.0, fbank input computed from the waveforms
+    on device; `pad_to_seconds` does not change its valid outputs, which its attention mask isolates) or "clap"
+    (CLAP's audio tower: one projected clip embedding per clip, features computed on device from the
+    waveforms resampled to 48 kHz; a clip over the extractor's window, 10 s, is cut to its first window)."""
     path: str = "demo:whisper-tiny.en"
-    kind: Literal["whisper", "w2v_bert"] = "whisper"
+    kind: Literal["whisper", "w2v_bert", "clap"] = "whisper"
     taps: tuple[int, ...] = (-1,)
     tap_indexing: Literal["blocks", "hf"] = "blocks"   # blocks: raw block outputs (DeSTA); hf: hidden_states (ALARM)
     pad_to_seconds: float | None = 30.0                # 30 s pad (DeSTA) or None = trim (ALARM)

@@ -68,6 +68,12 @@ def test_alm_eval_mmau_on_two_checkpoints(paths, tmp_path):
     assert len(details) == 2
     d = json.loads(details[0].read_text())
     assert d["checkpoint"] == runs[0] and len(d["items"]) == 2 and "model_output" in d["items"][0]
+    # the details file re-scores with `alm eval score` to the suite's own numbers
+    from alm_jax.cli import main
+    assert main(["eval", "score", "--benchmark", "mmau", "--predictions", str(details[0]),
+                 "--out", str(tmp_path / "rescored.json")]) == 0
+    rescored = json.loads((tmp_path / "rescored.json").read_text())
+    assert rescored["scored"] == 2 and rescored["accuracy"] == rows[runs[0]]["eval/mmau/accuracy"]
 
 
 def test_suites_run_inside_training(paths, tmp_path):

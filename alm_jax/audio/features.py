@@ -62,7 +62,7 @@ def num_frames(samples: int, *, sample_rate: int = 16000, pad_to_seconds: float 
     return samples // HOP_LENGTH
 
 
-FRAME_RULES = ("whisper", "w2v_bert")   # encoder kinds (EncoderConfig.kind) with a frame rule below
+FRAME_RULES = ("whisper", "w2v_bert", "clap")   # encoder kinds (EncoderConfig.kind) with a frame rule below
 
 
 def encoder_frames(num_samples, kind: str = "whisper"):
@@ -71,12 +71,15 @@ def encoder_frames(num_samples, kind: str = "whisper"):
 
     whisper: stride-2 conv over log-mel frames, `ceil((samples // 160) / 2)`.
     w2v_bert: stacked pairs of kaldi fbank frames, `(1 + (samples - 400) // 160) // 2` (0 below 400 samples);
-      one frame fewer than Whisper for most lengths (1 s: 49 vs 50)."""
+      one frame fewer than Whisper for most lengths (1 s: 49 vs 50).
+    clap: one state row per clip (its clip embedding), 0 for an empty clip."""
     if kind == "whisper":
         return (num_samples // HOP_LENGTH + 1) // 2
     if kind == "w2v_bert":
         from alm_jax.audio.fbank import stacked_frames
         return stacked_frames(num_samples)
+    if kind == "clap":
+        return (num_samples > 0) * 1
     raise AudioError(f"no encoder frame rule for encoder kind {kind!r}; known: {FRAME_RULES}")
 
 

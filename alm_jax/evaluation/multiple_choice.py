@@ -203,7 +203,9 @@ def _group_value(benchmark: str, item: Mapping[str, Any], fields: tuple[str, ...
 
 
 def load_items(path: str | Path) -> list[dict[str, Any]]:
-    """The items of a benchmark or predictions file: a JSON list (MMAU) or JSON lines (MMSU, MMAR)."""
+    """The items of a benchmark or predictions file: a JSON list (MMAU), JSON lines (MMSU, MMAR), or the
+    per-item details file `alm eval --suite mmau|mmsu|mmar --out DIR` writes (a JSON object whose `items`
+    hold the answered items), so a suite's answers can be re-scored."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"items file {p} does not exist")
@@ -214,6 +216,8 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}: not valid JSON ({e}); expected a list of items or JSON lines") from None
+    elif stripped.startswith("{") and _is_details_file(text):
+        items = json.loads(text)["items"]
     else:
         items = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -226,6 +230,15 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
     if not all(isinstance(it, dict) for it in items):
         raise DataError(f"{p}: every item must be a JSON object")
     return items
+
+
+def _is_details_file(text: str) -> bool:
+    """Whether `text` is one JSON object with an `items` list (a suite's details file), not JSON lines."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(whole, dict) and isinstance(whole.get("items"), list)
 
 
 def summary_line(report: Mapping[str, Any]) -> str:

@@ -28,12 +28,14 @@ from alm_jax.audio.fbank import w2v_bert_features
 from alm_jax.audio.features import log_mel, num_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.errors import ConfigError
+from alm_jax.models.clap import ClapAudioTower
 from alm_jax.models.connectors import EncoderInfo, connector_class, token_rule_for
 from alm_jax.models.llm import DecoderLM
 from alm_jax.models.w2v_bert import W2VBertModel
 from alm_jax.models.whisper import WhisperEncoder
 
-ENCODER_MODULES = {"whisper": WhisperEncoder, "w2v_bert": W2VBertModel}   # EncoderConfig.kind -> module class
+ENCODER_MODULES = {"whisper": WhisperEncoder, "w2v_bert": W2VBertModel,   # EncoderConfig.kind -> module class
+                   "clap": ClapAudioTower}
 
 
 def _resolve_taps(taps: Sequence[int], n_entries: int, indexing: str) -> tuple[int, ...]:
@@ -45,7 +47,11 @@ def _resolve_taps(taps: Sequence[int], n_entries: int, indexing: str) -> tuple[i
 
 
 def encoder_info(encoder, cfg: EncoderConfig) -> EncoderInfo:
-    """Width, resolved taps and state-list length of a frozen encoder under its config."""
+    """Width, resolved taps and state-list length of a frozen encoder under its config (a CLAP tower has one
+    entry, its clip embedding)."""
+    if cfg.kind == "clap":
+        return EncoderInfo(dim=encoder.d_model, taps=_resolve_taps(cfg.taps, 1, cfg.tap_indexing), n_entries=1,
+                           frames=cfg.kind)
     n_layers = encoder.config.encoder_layers
     n_entries = n_layers if cfg.tap_indexing == "blocks" else n_layers + 1
     return EncoderInfo(dim=encoder.config.d_model, taps=_resolve_taps(cfg.taps, n_entries, cfg.tap_indexing),
@@ -90,19 +96,19 @@ class AudioLanguageModel(nnx.Module):
     def encoder_states(self, i: int, audio: jax.Array | None = None, features: jax.Array | None = None,
                        audio_samples: jax.Array | None = None) -> list[jax.Array]:
         """Encoder i on waveforms `[N, S]` (its own features computed here) or, for Whisper, on precomputed
-        log-mel `features` `[N, n_mels, frames]` (the pipeline's host option) -> the list its taps index (block
-        outputs or HF hidden_states), each `[N, frames', d]`, under stop_gradient (frozen: no backward pass
-        through it). W2V-BERT takes the waveforms and `audio_samples` `[N]` (valid samples: its per-clip
-        normalization and attention mask; default all S); its frames' = ceil(F / 2), F = 1 + (S - 400) // 160."""
+        log-mel `features` `[N, n_mels, frames]` (the pipeline's host option) -> the list its taps index, each
+        `[N, frames', d]`, under stop_gradient (frozen: no backward pass through it). `audio_samples` `[N]`:
+        valid samples (default all S). Per kind (`ENCODER_STATES`): Whisper block outputs or HF hidden_states;
+        W2V-BERT the same from its on-device fbank + attention mask, frames' = ceil(F / 2), F = 1 + (S - 400)
+        // 160; CLAP one entry, the clip embedding `[N, 1, projection_dim]`."""
+        cfg = self.encoder_cfgs[i]
+        if audio is not None and audio_samples is None:
+            audio_samples = jnp.full((audio.shape[0],), audio.shape[1], jnp.int32)
+        states = ENCODER_STATES[cfg.kind](self, i, audio, features, audio_samples)
+        return [jax.lax.stop_gradient(s) for s in states]
+
+    def _whisper_states(self, i, audio, features, audio_samples):
         enc, cfg = self.encoders[i], self.encoder_cfgs[i]
-        if cfg.kind == "w2v_bert":
-            if audio is None:
-                raise ConfigError(f"encoder {i} (w2v_bert) computes its fbank from the waveforms, but the batch holds "
-                                  "only host log-mel features; set data.host_features=false")
-            feats, mask = w2v_bert_features(audio, audio_samples)
-            out = enc(feats.astype(enc.dtype), mask)
-            states = out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
-            return [jax.lax.stop_gradient(s) for s in states]
         if features is not None:
             feats = self._check_features(i, features)
         elif audio is not None:
@@ -110,8 +116,22 @@ class AudioLanguageModel(nnx.Module):
         else:
             raise ConfigError("encoder_states needs audio waveforms [N, S] or log-mel features [N, n_mels, frames]")
         out = enc(feats.astype(enc.dtype))
-        states = out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
-        return [jax.lax.stop_gradient(s) for s in states]
+        return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+
+    def _waveforms(self, i, audio):
+        if audio is None:
+            raise ConfigError(f"encoder {i} ({self.encoder_cfgs[i].kind}) computes its features from the waveforms, "
+                              "but the batch holds only host log-mel features; set data.host_features=false")
+        return audio
+
+    def _w2v_bert_states(self, i, audio, features, audio_samples):
+        enc, cfg = self.encoders[i], self.encoder_cfgs[i]
+        feats, mask = w2v_bert_features(self._waveforms(i, audio), audio_samples)
+        out = enc(feats.astype(enc.dtype), mask)
+        return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+
+    def _clap_states(self, i, audio, features, audio_samples):
+        return [self.encoders[i](self._waveforms(i, audio), audio_samples)[:, None, :]]
 
     def _check_features(self, i: int, features: jax.Array) -> jax.Array:
         """Precomputed features must have the shape encoder i's own log-mel would give."""
@@ -200,3 +220,8 @@ def _generate(graphdef, state, batch, *, max_new_tokens, eos_id):
     model = nnx.merge(graphdef, state)
     return greedy_decode(model.llm, model.embed_inputs(batch), batch["attention_mask"].astype(bool),
                          max_new_tokens=max_new_tokens, eos_id=eos_id)
+
+
+# EncoderConfig.kind -> (model, i, audio, features, audio_samples) -> encoder i's state list
+ENCODER_STATES = {"whisper": AudioLanguageModel._whisper_states, "w2v_bert": AudioLanguageModel._w2v_bert_states,
+                  "clap": AudioLanguageModel._clap_states}

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from alm_jax.audio.clap_device import clap_features_16k
+from alm_jax.audio.clap_features import ClapFeatureSettings
 from alm_jax.errors import AudioError, ConfigError
 from alm_jax.models.layers import Embed, LayerNorm, Linear, param
 
@@ -596,3 +598,30 @@ class ClapModel(nnx.Module):
         """`[audio_batch, text_batch]`: exp(logit_scale_a) * <audio_embeds, text_embeds>."""
         a, t = self.audio_embeds(input_features, is_longer), self.text_embeds(input_ids, attention_mask)
         return jnp.exp(self.logit_scale_a[...].astype(jnp.float32)) * a @ t.T
+
+
+# ---- CLAP as a frozen ALM encoder ---------------------------------------------------------------------------
+
+class ClapAudioTower(nnx.Module):
+    """The audio half of a `ClapModel` as an ALM encoder (`EncoderConfig.kind: clap`): 16 kHz waveforms `[N, S]`
+    + valid samples `[N]` -> on-device features (`alm_jax.audio.clap_device`) -> HTSAT -> projection ->
+    `[N, projection_dim]` L2-normalised clip embeddings (HF `get_audio_features`). One embedding per clip: the
+    ALM sees it as a one-frame state `[N, 1, projection_dim]` (what MATS's mapper reads)."""
+
+    def __init__(self, model: ClapModel, features: ClapFeatureSettings):
+        if features.feature_size != model.config.audio.num_mel_bins:
+            raise ConfigError(f"clap: the feature extractor gives {features.feature_size} mel bins but the audio "
+                              f"tower takes {model.config.audio.num_mel_bins}; fix preprocessor_config.json")
+        self.config, self.dtype, self.features = model.config, model.dtype, features
+        self.audio_model = model.audio_model
+        self.audio_projection = model.audio_projection
+
+    @property
+    def d_model(self) -> int:
+        return self.config.projection_dim
+
+    def __call__(self, audio: jax.Array, samples: jax.Array) -> jax.Array:
+        feats = clap_features_16k(audio, samples, self.features, fused=self.config.audio.enable_fusion)
+        is_longer = jnp.zeros((audio.shape[0], 1), bool)
+        pooled = self.audio_model(feats, is_longer).pooler_output
+        return l2_normalize(self.audio_projection(pooled))

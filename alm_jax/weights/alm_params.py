@@ -20,6 +20,7 @@ from alm_jax.errors import ConfigError
 from alm_jax.models.alm import AudioLanguageModel
 from alm_jax.models.connectors import connector_class
 from alm_jax.models.lora import apply_lora
+from alm_jax.weights.clap_params import load_clap_audio
 from alm_jax.weights.demo_models import DEMO_PREFIX
 from alm_jax.weights.llm_params import load_llm
 from alm_jax.weights.w2v_bert_params import load_w2v_bert
@@ -27,7 +28,7 @@ from alm_jax.weights.whisper_params import load_whisper_encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ENCODER_LOADERS = {"whisper": load_whisper_encoder,   # EncoderConfig.kind -> loader(dir, dtype=, mesh=)
-                   "w2v_bert": load_w2v_bert}
+                   "w2v_bert": load_w2v_bert, "clap": load_clap_audio}
 
 
 def model_dir(path: str, key: str) -> str:

@@ -7,6 +7,7 @@ weights `[out, in, kh, kw]` become `[kh, kw, in, out]`; the AFF block's 1x1 conv
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -14,7 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from alm_jax.models.clap import ClapConfig, ClapModel
+from alm_jax.audio.clap_features import ClapFeatureSettings
+from alm_jax.errors import WeightImportError
+from alm_jax.models.clap import ClapAudioTower, ClapConfig, ClapModel
 from alm_jax.weights.hf_import import Rule, import_weights, read_config, transpose
 
 _T = r"text_model\."
@@ -116,3 +119,21 @@ def load_clap(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) 
     cfg = ClapConfig.from_hf(read_config(path))
     return import_weights(lambda: ClapModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
                           path, CLAP_RULES, dtype=dtype, mesh=mesh, ignore=CLAP_IGNORE, family="clap")
+
+
+def load_clap_audio(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> ClapAudioTower:
+    """CLAP's audio tower + audio projection as a frozen ALM encoder (`EncoderConfig.kind: clap`), with the
+    feature settings of the directory's `preprocessor_config.json` (HF's defaults, at the tower's mel bins,
+    when there is none). The text tower is read (the import is strict) and dropped."""
+    model = load_clap(path, dtype=dtype, mesh=mesh)
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            settings = ClapFeatureSettings.from_hf(json.loads(pre.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise WeightImportError(f"{pre}: not a readable ClapFeatureExtractor config ({e})") from None
+    else:
+        audio = model.config.audio
+        settings = ClapFeatureSettings(feature_size=audio.num_mel_bins,
+                                       truncation="fusion" if audio.enable_fusion else "rand_trunc")
+    return ClapAudioTower(model, settings)

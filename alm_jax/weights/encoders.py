@@ -2,6 +2,8 @@
 
     whisper        -> alm_jax.models.whisper.WhisperEncoder   (weights.whisper_params.load_whisper_encoder)
     wav2vec2-bert  -> alm_jax.models.w2v_bert.W2VBertModel     (weights.w2v_bert_params.load_w2v_bert)
+    clap           -> alm_jax.models.clap.ClapModel            (weights.clap_params.load_clap; inside an ALM
+                      the kind `clap` loads only its audio side: `load_clap_audio`)
 
 `ENCODER_KINDS` maps the same families to the `EncoderConfig.kind` names used in run configs.
 """
@@ -22,7 +24,7 @@ from alm_jax.weights.whisper_params import load_whisper_encoder
 
 LOADERS = {"whisper": load_whisper_encoder, "wav2vec2-bert": load_w2v_bert,   # config.json model_type -> loader
            "clap": load_clap}
-ENCODER_KINDS = {"whisper": "whisper", "wav2vec2-bert": "w2v_bert"}          # model_type -> EncoderConfig.kind
+ENCODER_KINDS = {"whisper": "whisper", "wav2vec2-bert": "w2v_bert", "clap": "clap"}          # model_type -> EncoderConfig.kind
 
 
 def encoder_model_type(path: str | Path) -> str:
