@@ -7,6 +7,8 @@
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
     alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss, benchmark suites)
     alm eval score --benchmark B --predictions FILE   score MMAU / MMSU / MMAR predictions (official rules)
+    alm export CKPT_DIR --format F --out DIR   llm | peft | qwen2-audio | bundle (alm_jax/export)
+    alm import BUNDLE [--out CKPT_DIR]         rebuild a bundle's JAX model (and write it as a checkpoint)
     alm demo                        the main job on CPU with the bundled real models
 """
 
@@ -81,31 +83,18 @@ def _cmd_eval(args) -> int:
 
     if args.checkpoints[0] == "score":
         return _cmd_eval_score(args)
-    from alm_jax.config import apply_override, from_dict, TrainConfig
     from alm_jax.evaluation import EVALUATORS, check_suites, suite_config
     from alm_jax.evaluation.benchmarks import replace_suite
     from alm_jax.evaluation.report import markdown_table, progress_printer
-    from alm_jax.training.checkpoint import Checkpointer, restore_params
-    from alm_jax.weights.alm_params import build_alm
-    from alm_jax.weights.demo_models import resolve_demo_paths
+    from alm_jax.export.source import load_run
     if args.suite not in EVALUATORS:
         raise ConfigError(f"--suite {args.suite!r}: choose one of {sorted(EVALUATORS)}")
     if args.suite != "loss" and args.data and len(args.data) > 1:
         raise ConfigError(f"--suite {args.suite} reads one items / prompts file; got --data {args.data}")
     rows, details = {}, {}
     for directory in args.checkpoints:
-        reader = Checkpointer(directory, read_only=True)
-        stored = reader.restore_config(args.step)
-        reader.close()
-        if stored is None:
-            raise ConfigError(f"{directory} holds no run config; give the checkpoint.dir of an `alm train` run")
-        for override in args.set or ():
-            if override.split("=", 1)[0].startswith("model."):
-                raise ConfigError(f"--set {override}: the model is the checkpoint's; only data/eval settings "
-                                  "may change at evaluation time")
-            stored = apply_override(stored, override)
-        cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
-        model, step = restore_params(build_alm(cfg.model, seed=cfg.seed), directory, args.step)
+        run = load_run(directory, args.step, overrides=args.set or ())
+        cfg, model, step = run.cfg, run.model, run.step
         if args.suite == "loss":
             corpora = args.data or list(cfg.eval.corpus)
             if not corpora:
@@ -134,6 +123,29 @@ def _cmd_eval(args) -> int:
             path.write_text(json.dumps({"checkpoint": directory, **d}, indent=1, ensure_ascii=False))
         print(f"results: {out / (args.suite + '.json')}, {out / (args.suite + '.md')}"
               + (f", per-item answers in {out / (args.suite + '-details')}" if details else ""))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from alm_jax.export.formats import export
+    from alm_jax.export.source import load_run
+    from alm_jax.export.writer import parse_size
+    max_shard = parse_size(args.max_shard_size)
+    run = load_run(args.checkpoint, args.step)
+    kw = {"copy_base": True} if args.copy_base else {}
+    if args.copy_base and args.format != "bundle":
+        raise ConfigError("--copy-base applies to --format bundle only")
+    files = export(run, args.format, args.out, dtype=args.dtype, max_shard_bytes=max_shard, **kw)
+    print(f"exported {args.checkpoint} (step {run.step}) as {args.format} to {args.out}: "
+          + ", ".join(files[:6]) + (f", ... ({len(files)} files)" if len(files) > 6 else ""))
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from alm_jax.export.bundle import import_bundle
+    model, step = import_bundle(args.bundle, args.out)
+    print(f"imported {args.bundle} (step {step})" + (f"; checkpoint written to {args.out}" if args.out else
+                                                     "; every tensor fits the model (give --out to write a checkpoint)"))
     return 0
 
 
@@ -194,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rule", default="official", choices=["official", "string_match"],
                     help="score: MMSU's official letter rule or MMAU's text rule over its choices")
     ev.set_defaults(func=_cmd_eval)
+
+    exp = sub.add_parser("export", help="export a trained run: llm (LoRA merged, HF), peft (adapters), "
+                         "qwen2-audio (HF Qwen2-Audio), bundle (any ALM; `alm import` reads it)")
+    exp.add_argument("checkpoint", help="the checkpoint.dir of an `alm train` run")
+    exp.add_argument("--format", required=True, choices=["llm", "peft", "qwen2-audio", "bundle"])
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    exp.add_argument("--copy-base", action="store_true", help="bundle: copy the frozen encoder and LLM "
+                     "directories into the bundle (default: reference them)")
+    exp.set_defaults(func=_cmd_export)
+
+    imp = sub.add_parser("import", help="rebuild the JAX model of a bundle (`alm export --format bundle`)")
+    imp.add_argument("bundle", help="bundle directory")
+    imp.add_argument("--out", default=None, help="write it as a checkpoint directory that `alm eval` reads")
+    imp.set_defaults(func=_cmd_import)
 
     from alm_jax.generation.run import add_parser as add_generate, add_serve_parser
     add_generate(sub)

@@ -31,9 +31,10 @@ def check_format(run, fmt: str) -> None:
         raise ConfigError(f"cannot export this run as {fmt!r}: {why}. Formats that can: {', '.join(supported(run))}")
 
 
-def export(run, fmt: str, out, *, dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9) -> list[str]:
-    """Writes `run` in format `fmt` into directory `out`; returns the files written."""
+def export(run, fmt: str, out, *, dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9, **options) -> list[str]:
+    """Writes `run` in format `fmt` into directory `out`; returns the files written. `options`: the format's own
+    keywords (bundle: copy_base)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {DTYPES}")
     check_format(run, fmt)
-    return module(fmt).export(run, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return module(fmt).export(run, out, dtype=dtype, max_shard_bytes=max_shard_bytes, **options)
