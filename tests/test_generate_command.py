@@ -138,6 +138,33 @@ class _Scripted:
                          else "Yes. A dog barks while rain falls softly in the background.", 12, True) for t in texts]
 
 
+class _NoTags(_Scripted):
+    """A small backbone that never opens `<answer>` itself but continues one it is given."""
+
+    def prompt_ids(self, messages, assistant_prefix=""):
+        return self.inner.prompt_ids(messages, assistant_prefix)
+
+    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
+        from alm_jax.generation.engine import Response
+        texts = [self.tokenizer.decode(p).rstrip() for p in prompts]
+        return [Response("I hear a dog barking while rain falls softly.</answer>" if t.endswith("<answer>")
+                         else "A dog barks while rain falls softly in the background.", 12, True) for t in texts]
+
+
+def test_alarm_prefills_the_answer_tag_for_small_backbones(tiny_llm_dir, tmp_path):
+    from alm_jax.data.sources.demo import DemoSource
+    from alm_jax.generation.engine import ResponseGenerator, generate_corpus, generation_report
+    from alm_jax.recipes import build_recipe
+    for prefill, out in ((False, tmp_path / "off"), (True, tmp_path / "on")):
+        source = DemoSource(seed=4, n_clips=4, kinds=("events",), min_duration=0.5, max_duration=0.9)
+        gen = _NoTags(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048))
+        recipe = build_recipe("alarm", seed=1, min_response_tokens=0, prefill_answer=prefill)
+        generate_corpus(out, source, recipe, gen, n_records=4, records_per_shard=4)
+    assert generation_report(tmp_path / "off")["filtered"] == {"no_answer": 4}
+    records = list(Corpus(tmp_path / "on"))
+    assert [r.messages[-1]["content"] for r in records] == ["I hear a dog barking while rain falls softly."] * 4
+
+
 @pytest.fixture(scope="module")
 def recipe_corpora(tiny_llm_dir, tmp_path_factory):
     """A small corpus per recipe, written by the engine (scripted answers) from short demo clips."""

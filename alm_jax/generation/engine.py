@@ -110,10 +110,11 @@ class ResponseGenerator:
         self.tokens_generated = 0
         self.seconds_generating = 0.0
 
-    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of the chat-templated `messages` followed by the assistant header."""
+    def prompt_ids(self, messages: Sequence[dict[str, str]], assistant_prefix: str = "") -> list[int]:
+        """Token ids of the chat-templated `messages` followed by the assistant header (and `assistant_prefix`,
+        the start of the assistant turn, when given)."""
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"])
 
     def load(self) -> None:
         """Load the model now (otherwise the first `generate` does); checks the context length fits."""
@@ -273,8 +274,9 @@ class _ShardRecords:
             self.on_shard({**stats, "tokens": tokens, "seconds": seconds})
         return outcomes
 
-    def _prompt(self, messages, i: int, item_id: str):
-        ids = self.generator.prompt_ids(messages)
+    def _prompt(self, messages, i: int, item_id: str, assistant_prefix: str = ""):
+        ids = (self.generator.prompt_ids(messages, assistant_prefix) if assistant_prefix
+               else self.generator.prompt_ids(messages))
         if len(ids) > self.generator.max_prompt_tokens:
             raise data_error("prompt_too_long", f"generation prompt of item {i} ({item_id}) is {len(ids)} tokens, "
                                                 f"over max_prompt_tokens {self.generator.max_prompt_tokens}; raise it")
@@ -288,18 +290,18 @@ class _ShardRecords:
         for i in alive:
             try:
                 sp = self.recipe.stage_prompt(items[i], stage, outputs[i])
-                key = (sp.max_new_tokens, sp.thinking_budget, sp.budget_message)
-                groups[key][i] = self._prompt(sp.messages, i, items[i].item_id)
+                key = (sp.max_new_tokens, sp.thinking_budget, sp.budget_message, sp.assistant_prefix)
+                groups[key][i] = self._prompt(sp.messages, i, items[i].item_id, sp.assistant_prefix)
             except (AudioError, DataError) as e:
                 outputs.pop(i)
                 outcomes[i] = e
-        for (cap, budget, message), prompts in groups.items():
+        for (cap, budget, message, prefix), prompts in groups.items():
             sampling = self._stage_sampling(budget, message) if budget else None
             limit = min(cap or self.generator.max_new_tokens, self.generator.max_new_tokens)
             answers = self.generator.generate(list(prompts.values()), row_ids=[i + stage * self.n_records for i in prompts],
                                               max_new=[limit] * len(prompts), sampling=sampling)
             for i, r in zip(prompts, answers):
-                outputs[i].append(r)
+                outputs[i].append(dataclasses.replace(r, text=prefix + r.text) if prefix else r)
 
     def _stage_sampling(self, budget: int, message: str):
         """The generator's sampling with ALARM budget forcing: after `budget` tokens inside <think>, force

@@ -66,7 +66,10 @@ class OpenAIGenerator:
     def load(self) -> None:
         """Nothing to load: the server holds the model."""
 
-    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> ChatPrompt:
+    def prompt_ids(self, messages: Sequence[dict[str, str]], assistant_prefix: str = "") -> ChatPrompt:
+        if assistant_prefix:
+            raise ConfigError("this recipe prefills the assistant turn (assistant_prefix); the OpenAI chat API "
+                              "cannot continue a started answer: use the native backend or turn the option off")
         n = 0
         if self.tokenizer is not None:
             text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -140,7 +140,8 @@ class AlarmRecipe(Recipe):
     max_clip_seconds, max_wer: the pre-generation filters (0: off); template_opens_think: the backbone's
     chat template opens `<think>` itself (Qwen3-*-Thinking-2507); thinking_budget: stage-2 tokens inside
     `<think>` before budget forcing (0: none); rephrase_max_new_tokens: stage-2 cap (0: the engine's);
-    leak_filter: drop targets that still reveal the text; asr: optional `(waveform float32 [samples],
+    leak_filter: drop targets that still reveal the text; prefill_answer: start the stage-2 assistant turn
+    with `<answer>` (for small backbones that do not open the tag themselves; ALARM: off); asr: optional `(waveform float32 [samples],
     sample_rate) -> transcript` for the WER gate when the clip metadata holds no ASR output.
     """
     recipe_id = RECIPE_ID
@@ -149,7 +150,7 @@ class AlarmRecipe(Recipe):
     def __init__(self, seed: int = 0, *, min_response_tokens: int = 100, max_response_tokens: int = 612,
                  max_clip_seconds: float = 60.0, max_wer: float = 0.5, template_opens_think: bool = False,
                  thinking_budget: int = 1536, rephrase_max_new_tokens: int = 0, leak_filter: bool = True,
-                 asr: Callable[[np.ndarray, int], str] | None = None):
+                 prefill_answer: bool = False, asr: Callable[[np.ndarray, int], str] | None = None):
         super().__init__(seed)
         for name, value in (("min_response_tokens", min_response_tokens), ("max_response_tokens", max_response_tokens),
                             ("thinking_budget", thinking_budget), ("rephrase_max_new_tokens", rephrase_max_new_tokens)):
@@ -167,6 +168,7 @@ class AlarmRecipe(Recipe):
         self.max_clip_seconds, self.max_wer = float(max_clip_seconds), float(max_wer)
         self.template_opens_think, self.leak_filter = bool(template_opens_think), bool(leak_filter)
         self.thinking_budget, self.rephrase_max_new_tokens = thinking_budget, rephrase_max_new_tokens
+        self.prefill_answer = bool(prefill_answer)
         self.asr = asr
         pool = json_pool("alarm.json")
         self.system_prompt, self.prompts = pool["system"], tuple(pool["prompts"])
@@ -229,7 +231,8 @@ class AlarmRecipe(Recipe):
                               f"output, got stage {stage} with {len(outputs)}")
         user = self.rephrase_user.replace("{response}", self.draft(outputs[0].text).text)
         return StagePrompt(chat(self.rephrase_system, user), max_new_tokens=self.rephrase_max_new_tokens or None,
-                           thinking_budget=self.thinking_budget or None, budget_message=self.budget_message)
+                           thinking_budget=self.thinking_budget or None, budget_message=self.budget_message,
+                           assistant_prefix=f"{ANSWER_OPEN}\n" if self.prefill_answer else "")
 
     def finalize(self, item: GenerationItem, outputs: Sequence[Output],
                  count_tokens: Callable[[str], int] | None = None) -> Target:

@@ -89,12 +89,15 @@ class StagePrompt:
 
     `messages`: the chat to continue; `max_new_tokens`: a per-stage cap (None: the engine's setting);
     `thinking_budget`: for reasoning models, tokens allowed inside `<think>` before the engine appends
-    `budget_message` and lets the model continue (None: no budget forcing).
+    `budget_message` and lets the model continue (None: no budget forcing); `assistant_prefix`: text the
+    assistant turn is made to start with (appended to the templated prompt; the stage's output text then
+    begins with it), e.g. an answer tag a small backbone would not open by itself.
     """
     messages: list[dict[str, str]]
     max_new_tokens: int | None = None
     thinking_budget: int | None = None
     budget_message: str = ""
+    assistant_prefix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
