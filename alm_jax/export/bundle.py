@@ -59,7 +59,7 @@ def export(run: TrainedRun, out: str | Path, *, dtype: str = "float32", max_shar
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = run.cfg.model
     writer = ShardedSafetensorsWriter(out, max_shard_bytes=max_shard_bytes, prefix="trainable",
-                                      metadata={"format": "alm_jax", "step": str(run.step)})
+                                      metadata={"format": "alm_jax"})   # one key: safetensors orders several at random
     for name, var in _flat_trainable(run.model).items():
         writer.add(name, host_array(var[...]).astype(np.float32))
     files = writer.close()
