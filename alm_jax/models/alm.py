@@ -115,7 +115,8 @@ class AudioLanguageModel(nnx.Module):
             feats = log_mel(audio, n_mels=enc.config.num_mel_bins, pad_to_seconds=cfg.pad_to_seconds)
         else:
             raise ConfigError("encoder_states needs audio waveforms [N, S] or log-mel features [N, n_mels, frames]")
-        out = enc(feats.astype(enc.dtype))
+        valid = self.connector.encoder_valid_positions(audio_samples) if audio_samples is not None else None
+        out = enc(feats.astype(enc.dtype), valid_positions=valid)
         return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
 
     def _waveforms(self, i, audio):

@@ -104,21 +104,24 @@ class WhisperAttention(nnx.Module):
         self.v_proj = Linear(d, d, axes=("audio_embed", "audio_heads"), use_bias=True, **kw)
         self.out_proj = Linear(d, d, axes=("audio_heads", "audio_embed"), use_bias=True, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x `[batch, time, d]` -> `[batch, time, d]`; softmax in float32."""
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        """x `[batch, time, d]` -> `[batch, time, d]`; softmax in float32. `key_mask` `[batch, time]` bool
+        (True = attend; None = every position)."""
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.heads, self.head_dim)  # noqa: E731
         q = split(self.q_proj(x) * (self.head_dim ** -0.5))  # scaled before the product, as HF does
         k, v = split(self.k_proj(x)), split(self.v_proj(x))
-        o = chunked_attention(q, k, v)  # [batch, time, heads, head_dim]
+        o = chunked_attention(q, k, v, key_mask=key_mask)  # [batch, time, heads, head_dim]
         return self.out_proj(o.reshape(b, t, self.heads * self.head_dim))
 
 
 QUERY_CHUNK = 150  # 1500 encoder positions = 10 chunks
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK) -> jax.Array:
-    """Unmasked softmax(q k^T) v, one block of `chunk` queries at a time (`lax.map`), softmax in float32.
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK,
+                      key_mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T) v, one block of `chunk` queries at a time (`lax.map`), softmax in float32; keys where
+    `key_mask` `[batch, time]` is False are left out (None: all keys).
 
     q, k, v `[batch, time, heads, head_dim]` (q already scaled) -> `[batch, time, heads, head_dim]`. Never
     materializing the full `[time, time]` scores keeps them in cache: on CPU, 1500 Whisper positions ran
@@ -128,6 +131,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUE
 
     def block(qc):
         scores = jnp.einsum("bqhd,bkhd->bhqk", qc, k).astype(jnp.float32)
+        if key_mask is not None:
+            scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -152,9 +157,9 @@ class WhisperBlock(nnx.Module):
         self.fc1 = Linear(d, f, axes=("audio_embed", "audio_mlp"), use_bias=True, **kw)
         self.fc2 = Linear(f, d, axes=("audio_mlp", "audio_embed"), use_bias=True, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         """x `[batch, time, d]` -> `[batch, time, d]`."""
-        x = x + self.attn(self.attn_norm(x))
+        x = x + self.attn(self.attn_norm(x), key_mask)
         h = jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=self.gelu_approximate)
         return x + self.fc2(h)
 
@@ -195,13 +200,16 @@ class WhisperEncoder(nnx.Module):
         pos = self.embed_positions[: x.shape[1]].astype(self.dtype)
         return x + pos[None]
 
-    def __call__(self, input_features: jax.Array) -> WhisperEncoderOutput:
+    def __call__(self, input_features: jax.Array,
+                 valid_positions: jax.Array | None = None) -> WhisperEncoderOutput:
         """input_features `[batch, n_mels, frames]` (frames <= 2 * max_source_positions) -> outputs with
-        `[batch, ceil(frames / 2), d]` states."""
+        `[batch, ceil(frames / 2), d]` states. `valid_positions` `[batch]`: self-attention sees only the first
+        that many positions of each row as keys (Qwen2-Audio's padding mask); None = all (Whisper, DeSTA)."""
         x = self.embed(input_features)
+        key_mask = None if valid_positions is None else jnp.arange(x.shape[1])[None, :] < valid_positions[:, None]
         hidden, blocks = [x], []
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, key_mask)
             blocks.append(x)
             hidden.append(x)
         last = self.layer_norm(x)

@@ -26,6 +26,7 @@ from alm_jax.models.connectors.fusion import (
 from alm_jax.models.connectors.mats import (
     DEFAULT_NOISE_STD, ClipCapMapper, ClipCapMapperConfig, MatsConnector, SantaBank, SantaConfig, SantaMemory, kmeans,
     l2_normalize, noise_injection)
+from alm_jax.models.connectors.qwen2_audio import Qwen2AudioConnector
 from alm_jax.models.connectors.qformer import (
     BertQFormerLayer, DestaConnector, QFormerConfig, QFormerConnector, QFormerStack, load_bert_qformer_weights)
 
@@ -36,6 +37,7 @@ CONNECTORS: dict[str, type[Connector]] = {
     "alarm_p": AlarmPConnector,
     "sum": SumConnector,
     "mats": MatsConnector,
+    "qwen2_audio": Qwen2AudioConnector,
 }
 
 

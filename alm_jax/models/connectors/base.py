@@ -69,6 +69,12 @@ class Connector(nnx.Module):
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def encoder_valid_positions(self, audio_samples: jax.Array) -> jax.Array | None:
+        """Per clip, how many leading encoder positions the encoder's self-attention may use as keys (the
+        rest is padding it must not see), or None: every position (the default; Whisper was trained on the
+        padded window). Qwen2-Audio's connector masks the padding."""
+        return None
+
 
 def token_rule_for(cls: type[Connector], cc: ConnectorConfig, encoders: Sequence[EncoderConfig]) -> TokenRule:
     """The token rule of connector class `cls` under `cc` for these encoders: the kind's rule, counting frames
