@@ -61,14 +61,17 @@ def _cmd_eval_score(args) -> int:
     """`alm eval score`: a predictions file in a benchmark's layout -> its report (official matching rule)."""
     import json
 
-    from alm_jax.evaluation.multiple_choice import BENCHMARKS, load_items, score, summary_line
+    from alm_jax.evaluation.multiple_choice import BENCHMARKS, details_settings, load_items, score, summary_line
     if len(args.checkpoints) > 1:
         raise ConfigError(f"`alm eval score` takes no checkpoint directories (got {args.checkpoints[1:]}); "
                           "give --benchmark and --predictions")
     if args.benchmark not in BENCHMARKS or not args.predictions:
         raise ConfigError(f"`alm eval score` needs --benchmark {{{','.join(BENCHMARKS)}}} and --predictions FILE "
                           "(the benchmark's items with the model's outputs)")
-    report = score(args.benchmark, load_items(args.predictions), key=args.key, rule=args.rule)
+    items = load_items(args.predictions)
+    recorded = details_settings(args.predictions)   # a suite's details file: score it as the suite did
+    report = score(args.benchmark, items, key=args.key or recorded.get("key"),
+                   rule=args.rule or recorded.get("rule", "official"))
     print(summary_line(report), flush=True)
     if args.out:
         out = Path(args.out)
@@ -203,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", default=None, help="score: the items (JSON list or JSON lines) with outputs")
     ev.add_argument("--key", default=None, help="score: the output key (default: the official one: MMAU "
                     "model_output, MMSU response, MMAR answer_prediction)")
-    ev.add_argument("--rule", default="official", choices=["official", "string_match"],
-                    help="score: MMSU's official letter rule or MMAU's text rule over its choices")
+    ev.add_argument("--rule", default=None, choices=["official", "string_match"],
+                    help="score: MMSU's official letter rule or MMAU's text rule over its choices (default: "
+                    "official, or the rule a suite's details file records)")
     ev.set_defaults(func=_cmd_eval)
 
     exp = sub.add_parser("export", help="export a trained run: llm (LoRA merged, HF), peft (adapters), "

@@ -218,3 +218,22 @@ def test_alm_eval_score_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "alm_jax.cli", "eval", "score", "--predictions", str(tmp_path / "p.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--benchmark" in bad.stderr
+
+
+def test_a_suite_details_file_rescores_with_its_recorded_rule(tmp_path):
+    from alm_jax.cli import main
+    from alm_jax.evaluation.multiple_choice import details_settings
+    items = [{"id": str(i), "question": "Gender?", "choice_a": "male", "choice_b": "female", "choice_c": "child",
+              "choice_d": "robot", "answer_gt": gt, "category": "perception", "sub-category": "para",
+              "task_name": "gender", "response": f'The correct answer is: "{said}"'}
+             for i, (gt, said) in enumerate([("male", "male"), ("female", "male"), ("female", "female")])]
+    details = tmp_path / "0-run.json"
+    details.write_text(json.dumps({"checkpoint": "runs/x", "benchmark": "mmsu", "rule": "string_match",
+                                   "key": "response", "accuracy": 66.7, "items": items}))
+    assert details_settings(details) == {"rule": "string_match", "key": "response"}
+    assert main(["eval", "score", "--benchmark", "mmsu", "--predictions", str(details), "--out",
+                 str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["rule"] == "string_match" and r["scored"] == 3 and abs(r["accuracy"] - 200 / 3) < 1e-9
+    # the official letter rule, asked for explicitly, skips these free-text answers (as the official script does)
+    assert main(["eval", "score", "--benchmark", "mmsu", "--predictions", str(details), "--rule", "official"]) == 1

@@ -232,6 +232,15 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
+def details_settings(path: str | Path) -> dict[str, Any]:
+    """The scoring settings (`rule`, `key`) a suite's details file records; {} for any other file."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not (text.lstrip().startswith("{") and _is_details_file(text)):
+        return {}
+    whole = json.loads(text)
+    return {k: whole[k] for k in ("rule", "key") if isinstance(whole.get(k), str)}
+
+
 def _is_details_file(text: str) -> bool:
     """Whether `text` is one JSON object with an `items` list (a suite's details file), not JSON lines."""
     try:
