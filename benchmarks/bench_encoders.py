@@ -134,13 +134,77 @@ def bench_w2v_bert(args, thread_settings, cmd) -> list[str]:
     return rows
 
 
+def bench_clap(args, thread_settings, cmd) -> list[str]:
+    """CLAP's audio tower on 30 s of audio: the fused checkpoint layout (laion/clap-htsat-fused shape, random
+    weights) sees a clip over its 10 s window as 4 channels (the whole clip shrunk + 3 crops, is_longer);
+    `--clap-depths` sets the Swin stage depths (HF default 2,2,6,2). Plus the input features: ours on device
+    from 16 kHz (resample x3 + repeat-pad + mel, a 10 s clip) vs ClapFeatureExtractor on the 48 kHz clip."""
+    import scipy.signal
+    import torch
+    from flax import nnx
+    from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel
+
+    from alm_jax.audio.clap_device import clap_features_16k
+    from alm_jax.audio.clap_features import ClapFeatureSettings
+    from alm_jax.weights.clap_params import load_clap
+
+    torch.manual_seed(0)
+    depths = [int(d) for d in args.clap_depths.split(",")]
+    cfg = ClapConfig(audio_config=ClapAudioConfig(enable_fusion=True, fusion_type="aff_2d", depths=depths))
+    hf = ClapModel(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model = load_clap(tmp)
+    rng = np.random.default_rng(0)
+    audio48 = (0.1 * rng.standard_normal(30 * 48000)).astype(np.float32)
+    extractor = ClapFeatureExtractor(truncation="fusion")
+    np.random.seed(0)
+    ref = extractor(audio48, sampling_rate=48000, return_tensors="np")
+    feats, longer = ref["input_features"], ref["is_longer"]
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, x, lg: nnx.merge(graphdef, st).audio_embeds(x, lg))
+    x, lg = jnp.asarray(feats), jnp.asarray(longer)
+    run_jax = lambda: forward(state, x, lg).block_until_ready()  # noqa: E731
+    x_t, lg_t = torch.from_numpy(feats), torch.from_numpy(longer)
+
+    def run_torch():
+        with torch.no_grad():
+            out = hf.get_audio_features(x_t, is_longer=lg_t)
+        out = getattr(out, "pooler_output", out)
+        return out / out.norm(dim=-1, keepdim=True)
+
+    diff = float(np.abs(np.asarray(run_jax()) - run_torch().numpy()).max())
+    t_jax = median_seconds(run_jax, args.repeats)
+
+    clip16 = (0.1 * rng.standard_normal(10 * SR)).astype(np.float32)
+    settings = ClapFeatureSettings(truncation="fusion")
+    dev = jax.jit(lambda a, n: clap_features_16k(a, n, settings, fused=True))
+    run_feats_jax = lambda: dev(clip16[None], np.array([clip16.size])).block_until_ready()  # noqa: E731
+    clip48 = scipy.signal.resample_poly(clip16.astype(np.float64), 3, 1)
+    run_feats_hf = lambda: extractor(clip48, sampling_rate=48000, return_tensors="np")  # noqa: E731
+    f_diff = float(np.abs(np.asarray(run_feats_jax())[0] - run_feats_hf()["input_features"][0]).max())
+    t_feats = median_seconds(run_feats_jax, args.repeats)
+    t_feats_hf = median_seconds(run_feats_hf, args.repeats)
+    rows = [_row("CLAP input features, 10 s (ours: 16 kHz on device incl. x3 resampling; HF: the 48 kHz clip)",
+                 t_feats, t_feats_hf, f_diff, "ClapFeatureExtractor (numpy, no resampling)", cmd)]
+    for threads in thread_settings:
+        torch.set_num_threads(threads)
+        run_torch()
+        t_torch = median_seconds(run_torch, args.repeats)
+        rows.append(_row(f"CLAP audio tower + projection, 30 s fused (4 x 1001 frames), HTSAT depths {depths}, "
+                         "float32", t_jax, t_torch, diff, f"torch eager ({threads} threads)", cmd))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--w2v-layers", type=int, default=2)
     ap.add_argument("--context", type=int, default=32, help="tokens already in the decoder's cache")
     ap.add_argument("--threads", default="2,default", help="torch thread settings, comma separated")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=("decoder", "w2v_bert"), default=None)
+    ap.add_argument("--clap-depths", default="2,2,6,2", help="CLAP HTSAT stage depths")
+    ap.add_argument("--only", choices=("decoder", "w2v_bert", "clap"), default=None)
     args = ap.parse_args(argv)
 
     import torch
@@ -153,6 +217,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         rows += bench_decoder_step(args, thread_settings, cmd)
     if args.only in (None, "w2v_bert"):
         rows += bench_w2v_bert(args, thread_settings, cmd)
+    if args.only in (None, "clap"):
+        rows += bench_clap(args, thread_settings, cmd)
     torch.set_num_threads(default)
     for row in rows:
         print(row)

@@ -31,7 +31,7 @@ QUICK: dict[str, list[str]] = {
     "bench_corpus.py": ["--n", "5000", "--small", "1000", "--records-per-shard", "1000"],
     "bench_demo_synth.py": ["--clips", "50"],
     "bench_export.py": ["--shard", "50MB", "--rank", "2"],
-    "bench_encoders.py": ["--w2v-layers", "1", "--repeats", "1", "--threads", "default", "--context", "8"],
+    "bench_encoders.py": ["--w2v-layers", "1", "--clap-depths", "1,1,1,1", "--repeats", "1", "--threads", "default", "--context", "8"],
     "bench_generation.py": ["--batch", "2", "--new-tokens", "8", "--records", "4", "--repeats", "1"],
     "bench_llm_forward.py": ["--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "16", "--vocab", "512",
                              "--repeats", "3"],
