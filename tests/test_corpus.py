@@ -1,5 +1,6 @@
 """Corpus writer/reader (round trip, resume, multi-process, bad records) and BadDataCounter."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -57,11 +58,15 @@ def test_round_trip_through_the_corpus(tmp_path):
     assert pickle.loads(pickle.dumps(c))[4] == make_record(4)  # Grain workers pickle data sources
 
 
-def test_open_reads_no_shard(tmp_path):
+def test_open_checks_every_shard_but_opens_no_reader(tmp_path):
     write_corpus(tmp_path, make_record, N, PER_SHARD)
-    os.remove(tmp_path / "shard-00003-of-00005.arrayrecord")  # opening must not touch the shards
     c = Corpus(tmp_path)
+    assert c.source._readers == [None] * 5           # readers open on first access
     assert len(c) == N and c[0] == make_record(0)
+    os.remove(tmp_path / "shard-00003-of-00005.arrayrecord")
+    with pytest.raises(DataError, match="shard-00003-of-00005.arrayrecord is missing") as e:
+        Corpus(tmp_path)                             # ... but every shard is checked at open
+    assert e.value.kind == "missing_shard"
 
 
 def test_resume_writes_only_the_missing_shards(tmp_path):
@@ -178,3 +183,162 @@ def test_counter_call():
     with pytest.raises(ZeroDivisionError):  # programming errors are not bad data
         c.call(lambda: 1 / 0)
     assert (c.seen, dict(c.bad)) == (2, {"empty": 1})
+
+
+# --- issue 18: settings, confined shard paths, checksums, bad audio, clear errors ---------------------
+
+SETTINGS_A = {"recipe": "desta", "seed": 5, "sampling": {"temperature": 0.8, "max_new_tokens": 8}}
+SETTINGS_B = {"recipe": "desta", "seed": 6, "sampling": {"temperature": 0.8, "max_new_tokens": 16}}
+
+
+def test_resume_with_other_settings_is_refused_before_any_record(tmp_path):
+    """Item 3: a corpus records its settings; a rerun with others stops (it used to mix both)."""
+    def dies_in_shard_2(i):
+        if i >= 2 * PER_SHARD:
+            raise RuntimeError("killed")
+        return make_record(i)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_corpus(tmp_path, dies_in_shard_2, N, PER_SHARD, settings=SETTINGS_A, resume_command="make-it --seed 5")
+    calls = []
+    with pytest.raises(DataError) as e:
+        write_corpus(tmp_path, lambda i: calls.append(i) or make_record(i), N, PER_SHARD, settings=SETTINGS_B)
+    assert e.value.kind == "settings_mismatch" and calls == []
+    msg = str(e.value)
+    for part in ("seed: 5 (this run: 6)", "sampling.max_new_tokens: 8 (this run: 16)", "new directory",
+                 "make-it --seed 5"):
+        assert part in msg
+    assert e.value.differences == ["sampling.max_new_tokens: 8 (this run: 16)", "seed: 5 (this run: 6)"]
+    write_corpus(tmp_path, make_record, N, PER_SHARD, settings=dict(SETTINGS_A))   # the same settings continue
+    c = Corpus(tmp_path)
+    assert len(c) == N and c.manifest["settings"] == SETTINGS_A
+
+
+def test_a_corpus_without_recorded_settings_still_resumes(tmp_path):
+    write_corpus(tmp_path, make_record, N, PER_SHARD)                  # no settings (older corpora)
+    write_corpus(tmp_path, make_record, N, PER_SHARD, settings=SETTINGS_A)
+    assert json.loads((tmp_path / "layout.json").read_text())["settings"] == SETTINGS_A
+    with pytest.raises(DataError, match="settings"):
+        write_corpus(tmp_path, make_record, N, PER_SHARD, settings=SETTINGS_B)
+
+
+def test_missing_corpus_directory_says_it_does_not_exist(tmp_path):
+    """Item 7: not 'no valid manifest.json'."""
+    with pytest.raises(DataError, match="does not exist") as e:
+        Corpus(tmp_path / "nope")
+    assert e.value.kind == "missing_corpus"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a corpus") as e:
+        Corpus(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a directory"):
+        Corpus(tmp_path / "file")
+
+
+def _edit_manifest(d, edit):
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "subdir", "symlink"])
+def test_manifest_shard_paths_stay_inside_the_corpus(tmp_path, how):
+    """Item 4: a manifest naming another corpus's shard (absolute, ../, a symlink out) is refused by name."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    write_corpus(mine, make_record, N, PER_SHARD)
+    write_corpus(other, lambda i: make_record(100 + i), N, PER_SHARD)
+    target = other / "shard-00000-of-00005.arrayrecord"
+    name = {"absolute": str(target), "dotdot": "../other/shard-00000-of-00005.arrayrecord",
+            "subdir": "sub/shard-00000-of-00005.arrayrecord", "symlink": "link.arrayrecord"}[how]
+    if how == "symlink":
+        os.symlink(target, mine / name)
+    entry = json.loads((other / "manifest.json").read_text())["shards"][0]
+    _edit_manifest(mine, lambda m: m["shards"].__setitem__(0, {**entry, "name": name}))
+    with pytest.raises(DataError) as e:
+        Corpus(mine)
+    assert e.value.kind == "path_traversal" and repr(name) in str(e.value) and str(mine) in str(e.value)
+
+
+def test_manifest_pointing_at_a_non_shard_file_is_one_clear_error(tmp_path):
+    """Item 4: it used to crash with a raw RuntimeError from the ArrayRecord reader."""
+    write_corpus(tmp_path, make_record, N, PER_SHARD)
+    layout = tmp_path / "layout.json"
+    fake = {"name": "layout.json", "count": 5, "bytes": layout.stat().st_size,
+            "sha256": hashlib.sha256(layout.read_bytes()).hexdigest()}
+    _edit_manifest(tmp_path, lambda m: m["shards"].__setitem__(0, fake))
+    c = Corpus(tmp_path)                 # size and sha256 match what the manifest says ...
+    with pytest.raises(DataError, match="cannot read corpus shard .*layout.json") as e:
+        c[0]                             # ... but it is no shard
+    assert e.value.kind == "corrupt_shard"
+
+
+def test_shard_sha256_is_checked_on_first_open_and_remembered(tmp_path, monkeypatch):
+    """Item 4: the manifest's sha256 values are checked (once per unchanged shard)."""
+    import alm_jax.data.corpus as corpus_mod
+    write_corpus(tmp_path, make_record, N, PER_SHARD)
+    path = tmp_path / "shard-00002-of-00005.arrayrecord"
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[3000] ^= 0x01                   # same size, other bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard-00002-of-00005.arrayrecord is damaged") as e:
+        Corpus(tmp_path)
+    assert e.value.kind == "corrupt_shard" and "rerunning the command" in str(e.value)
+    path.write_bytes(good)
+    hashed = []
+    real = corpus_mod._sha256
+    monkeypatch.setattr(corpus_mod, "_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    Corpus(tmp_path)                     # shards 0 and 1 passed during the failed open: remembered
+    assert hashed == [f"shard-0000{k}-of-00005.arrayrecord" for k in (2, 3, 4)]
+    hashed.clear()
+    Corpus(tmp_path)
+    assert hashed == []                  # unchanged shards are not hashed again
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    Corpus(tmp_path)
+    assert hashed == ["shard-00002-of-00005.arrayrecord"]
+
+
+def test_truncated_shard_is_reported_by_name_at_open(tmp_path):
+    """Item 5: it used to be a raw Riegeli RuntimeError once training started reading."""
+    write_corpus(tmp_path, make_record, N, PER_SHARD)
+    path = tmp_path / "shard-00001-of-00005.arrayrecord"
+    path.write_bytes(path.read_bytes()[:70000])
+    with pytest.raises(DataError, match="shard-00001-of-00005.arrayrecord is 70000 bytes") as e:
+        Corpus(tmp_path)
+    assert e.value.kind == "corrupt_shard" and "truncated" in str(e.value)
+
+
+def _wav(samples, sr=8000, subtype="PCM_16"):
+    import io
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, samples, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def test_bad_audio_never_enters_a_corpus(tmp_path):
+    """Item 6: clips are decoded and checked at write time; bad ones are skipped and counted by kind."""
+    good = AudioClip.from_wave(np.full(800, 0.1, np.float32), 8000)
+    nan = np.full(800, 0.1, np.float32)
+    nan[10] = np.nan
+    bad_clips = {
+        1: ("undecodable", AudioClip(good.data[: len(good.data) // 2], "flac", 8000, 0.1)),   # truncated FLAC
+        2: ("undecodable", AudioClip(b"not audio" * 40, "flac", 8000, 0.1)),                  # garbage
+        3: ("nonfinite", AudioClip(_wav(nan, subtype="FLOAT"), "pcm16", 8000, 0.1)),          # NaN
+        4: ("empty", AudioClip(_wav(np.zeros(0, np.float32)), "pcm16", 8000, 0.0)),          # no samples
+        5: ("too_long", AudioClip(_wav(np.zeros(8000 * 3, np.float32)), "pcm16", 8000, 3.0)),
+        6: ("bad_record", AudioClip(good.data, "flac", 16000, 0.1)),                         # header lies
+    }
+
+    def record(i):
+        rec = make_record(i)
+        if i in bad_clips:
+            rec.clips = [bad_clips[i][1]]
+            rec.messages[0]["content"] = AUDIO_PLACEHOLDER + " what?"
+        return rec
+
+    write_corpus(tmp_path, record, 10, 5, max_bad_fraction=1.0, max_audio_seconds=2.0)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["bad_data"]["bad"] == {"bad_record": 1, "empty": 1, "nonfinite": 1, "too_long": 1, "undecodable": 2}
+    assert m["total_records"] == 4
+    assert [r.provenance.item_id for r in Corpus(tmp_path)] == ["0", "7", "8", "9"]

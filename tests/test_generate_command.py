@@ -119,6 +119,33 @@ def test_bad_generate_arguments_name_what_to_fix(tiny_llm_dir, tmp_path):
     assert main([*base, "--recipe", "desta", "--source", "demo", "sampling.temprature=1"]) == 1
 
 
+def test_rerun_with_other_settings_refuses_and_prints_how_to_continue(tiny_llm_dir, tmp_path, capsys):
+    """Issue 18 item 3: a run killed after some shards, rerun with another seed and max_new_tokens, used to
+    mix both settings in one corpus (rc 0). Now it stops before loading anything and prints the fix."""
+    import shlex
+
+    from alm_jax.cli import main
+    out = tmp_path / "c"
+    base = ["generate", "--recipe", "desta", "--source", "demo", "--llm", str(tiny_llm_dir), "--out", str(out),
+            "--n", "6", "--records-per-shard", "2", "--batch-size", "2", "--max-prompt-tokens", "512",
+            "source.kinds=[events]", "source.max_duration=2.0"]
+    assert main([*base, "--seed", "5", "--max-new-tokens", "4"]) == 0
+    for p in out.glob("shard-00002-*"):      # killed in the last shard: it and the manifest are missing
+        p.unlink()
+    (out / "manifest.json").unlink()
+    before = _shards(out)
+    capsys.readouterr()
+    assert main([*base, "--seed", "6", "--max-new-tokens", "8"]) == 1
+    err = capsys.readouterr().err
+    for part in ("seed: 5 (this run: 6)", "max_new_tokens: 4 (this run: 8)", "pass another --out",
+                 "--seed 5", "--max-new-tokens 4"):
+        assert part in err, err
+    assert _shards(out) == before and not (out / "manifest.json").exists()
+    continue_cmd = err.split("rerun with its settings:\n", 1)[1].strip().splitlines()[0]
+    assert main(shlex.split(continue_cmd)[1:]) == 0          # the printed command finishes the corpus
+    assert Corpus(out).manifest["settings"]["seed"] == 5 and len(Corpus(out)) == 6
+
+
 class _Scripted:
     """A generator answering from a script (no model): plain answers, `<answer>` tags for ALARM's rewrite."""
 

@@ -17,7 +17,7 @@ from alm_jax.data.metadata import ClipMeta
 from alm_jax.data.records import AUDIO_PLACEHOLDER
 from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.data.sources.demo import DemoSource
-from alm_jax.errors import ConfigError
+from alm_jax.errors import ConfigError, DataError
 from alm_jax.generation.engine import Response, ResponseGenerator, generate_corpus
 from alm_jax.models.llm import generate_greedy
 from alm_jax.recipes.desta import GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, DestaRecipe
@@ -152,6 +152,20 @@ def test_rerun_is_a_noop_that_loads_no_model(corpus_dir, source, recipe, tiny_ll
     generate_corpus(corpus_dir, source, recipe, fresh, n_records=N_RECORDS, records_per_shard=PER_SHARD)
     assert fresh.model is None
     assert _files(corpus_dir) == before
+
+
+def test_rerun_with_other_settings_is_refused_before_loading_the_model(corpus_dir, source, tiny_llm_dir):
+    """Issue 18 item 3 through the library API: the settings `generate_corpus` records by default."""
+    before = _files(corpus_dir)
+    fresh = ResponseGenerator(tiny_llm_dir, batch_size=BATCH, max_new_tokens=NEW_TOKENS + 4, max_prompt_tokens=256)
+    with pytest.raises(DataError) as e:
+        generate_corpus(corpus_dir, source, DestaRecipe(seed=RECIPE_SEED + 1), fresh, n_records=N_RECORDS,
+                        records_per_shard=PER_SHARD)
+    assert e.value.kind == "settings_mismatch" and fresh.model is None
+    assert f"recipe_options.seed: {RECIPE_SEED} (this run: {RECIPE_SEED + 1})" in str(e.value)
+    assert f"max_new_tokens: {NEW_TOKENS} (this run: {NEW_TOKENS + 4})" in str(e.value)
+    assert _files(corpus_dir) == before
+    assert json.load(open(corpus_dir / "manifest.json"))["settings"]["recipe_options"]["seed"] == RECIPE_SEED
 
 
 def test_same_seed_gives_identical_bytes_for_any_process_count(corpus_dir, tmp_path, source, generator):

@@ -85,16 +85,21 @@ def test_jsonl_bad_lines_are_skipped_and_counted(tmp_path, audio_root):
         {"path": "empty.wav"},                      # zero samples
         {"path": "long.flac"},                      # 4 s > max_seconds
         {"path": "long.flac", "end": 2.0},          # ... a 2 s span of it is fine
-        {"path": "truncated.flac"},                 # header is fine: fails when loaded
-        {"path": "nan.wav"},                        # header is fine: NaN found when loaded
+        {"path": "truncated.flac"},                 # header is fine: the scan decodes it
+        {"path": "nan.wav"},                        # header is fine: the scan finds the NaN
     ])
     src = JsonlSource(manifest, root=audio_root, max_seconds=3.0)
     items = list(src)
-    assert [m.clip_id for m, _ in items] == ["spk1/a.flac", "long.flac@0.000-2.000", "truncated.flac", "nan.wav"]
+    assert [m.clip_id for m, _ in items] == ["spk1/a.flac", "long.flac@0.000-2.000"]
     assert dict(src.counter.bad) == {"bad_json": 2, "bad_utf8": 1, "bad_manifest": 2, "missing_file": 1,
-                                     "undecodable": 1, "empty": 1, "too_long": 1}
+                                     "undecodable": 2, "empty": 1, "too_long": 1, "nonfinite": 1}
     assert src.counter.seen == 13
-    # Audio errors surface when the loader runs; the consumer counts them with the same counter.
+    assert any("m.jsonl:12" in x and "truncated.flac" in x for x in src.counter.examples["undecodable"])
+    # Without the scan's decode (check_audio=False), audio errors surface when the loader runs; the
+    # consumer counts them with the same counter.
+    src = JsonlSource(manifest, root=audio_root, max_seconds=3.0, check_audio=False)
+    items = list(src)
+    assert [m.clip_id for m, _ in items] == ["spk1/a.flac", "long.flac@0.000-2.000", "truncated.flac", "nan.wav"]
     loaded = BadDataCounter()
     waves = [loaded.call(load) for _, load in items]
     assert [w is None for w in waves] == [False, False, True, True]

@@ -116,3 +116,20 @@ def test_load_in_bfloat16(checkpoint):
     assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     logits = jit_forward(model)(IDS)
     assert logits.dtype == np.float32 and np.abs(logits - checkpoint[1]).max() < 0.25
+
+
+def test_truncated_safetensors_names_the_file_and_the_fix(checkpoint, tmp_path, capsys):
+    """Issue 18 item 5: a truncated model.safetensors was a raw SafetensorError from `alm info` and
+    `alm train` (load_llm); now one WeightImportError naming the file and saying to download it again."""
+    from alm_jax.cli import main
+    from alm_jax.weights.inspect import describe_checkpoint
+    dst = tmp_path / "c"
+    shutil.copytree(checkpoint[0], dst)
+    f = dst / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for load in (load_llm, describe_checkpoint):
+        with pytest.raises(WeightImportError, match=r"model\.safetensors is not a readable safetensors file.*"
+                                                    r"truncated or corrupt.*download it again"):
+            load(dst)
+    assert main(["info", str(dst)]) == 1
+    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err

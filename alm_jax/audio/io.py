@@ -104,10 +104,15 @@ def decode_audio(data: bytes, *, target_sr: int | None = None, mono: bool = True
     Returns [samples] when `mono` (channels averaged), else [samples, channels]; resampled to
     `target_sr` when given. The duration is checked from the header before decoding.
     """
+    return _finish(decode_waveform(data, max_seconds=max_seconds), target_sr, mono)
+
+
+def decode_waveform(data: bytes, *, max_seconds: float = DEFAULT_MAX_SECONDS) -> Waveform:
+    """Decode encoded audio to a `Waveform` (samples [samples, channels] float32, at the file's own rate),
+    validated like `decode_audio` (kinds `undecodable`, `empty`, `too_long`, `nonfinite`)."""
     name = f"{len(data)} bytes of audio"
     _check_wav_complete(data, len(data), name)
-    wave = _read(io.BytesIO(data), name, max_seconds=max_seconds)
-    return _finish(wave, target_sr, mono)
+    return _read(io.BytesIO(data), name, max_seconds=max_seconds)
 
 
 def read_audio_file(path: str | os.PathLike, *, start: float | None = None, end: float | None = None,

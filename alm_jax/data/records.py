@@ -23,6 +23,7 @@ import numpy as np
 from alm_jax.audio import io as audio_io
 from alm_jax.data.bad_data import data_error
 from alm_jax.data.metadata import ClipMeta
+from alm_jax.errors import AudioError, DataError
 
 SCHEMA_VERSION = 1
 LAYOUT_VERSION = 1
@@ -56,6 +57,19 @@ class AudioClip:
                max_seconds: float = audio_io.DEFAULT_MAX_SECONDS) -> np.ndarray:
         """float32 [samples] (mono) or [samples, channels]; see `audio_io.decode_audio`."""
         return audio_io.decode_audio(self.data, target_sr=target_sr, mono=mono, max_seconds=max_seconds)
+
+    def check(self, max_seconds: float = audio_io.DEFAULT_MAX_SECONDS) -> None:
+        """Decode the clip: `AudioError` (kind `undecodable`, `nonfinite`, `empty`, `too_long`) unless it is
+        usable audio of at most `max_seconds`; `DataError` kind `bad_record` when its format is unknown or
+        its sample rate / duration differ from what the clip says."""
+        if self.format not in audio_io.FORMATS:
+            raise data_error("bad_record", f"clip format {self.format!r} is not one of {audio_io.FORMATS}")
+        wave = audio_io.decode_waveform(self.data, max_seconds=max_seconds)
+        if wave.sample_rate != self.sample_rate:
+            raise data_error("bad_record", f"clip says {self.sample_rate} Hz, its audio is {wave.sample_rate} Hz")
+        if abs(wave.duration - self.duration) > max(1.0 / wave.sample_rate, 1e-3):
+            raise data_error("bad_record", f"clip says {self.duration:.3f} s, its audio decodes to "
+                                           f"{wave.duration:.3f} s")
 
     def _header(self) -> dict[str, Any]:
         d = {**self.unknown, "format": self.format, "sample_rate": self.sample_rate,
@@ -124,6 +138,16 @@ class Record:
         for c in self.clips:
             if c.format not in audio_io.FORMATS:
                 raise data_error("bad_record", f"clip format {c.format!r} is not one of {audio_io.FORMATS}")
+
+    def check_audio(self, max_seconds: float = audio_io.DEFAULT_MAX_SECONDS) -> None:
+        """Decode and check every clip (`AudioClip.check`); the error names the clip."""
+        for k, c in enumerate(self.clips):
+            try:
+                c.check(max_seconds)
+            except (AudioError, DataError) as e:
+                err = type(e)(f"clip {k}: {e}")
+                err.kind = getattr(e, "kind", None)
+                raise err from None
 
     def to_bytes(self) -> bytes:
         """Serialize (validates first)."""

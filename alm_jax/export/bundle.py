@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from alm_jax.config import ModelConfig, from_dict, to_dict
 from alm_jax.errors import CheckpointError, ConfigError
@@ -34,6 +33,7 @@ from alm_jax.export.source import TrainedRun, host_array
 from alm_jax.export.writer import ShardedSafetensorsWriter
 from alm_jax.models.alm import AudioLanguageModel, split_trainable
 from alm_jax.weights.alm_params import build_alm
+from alm_jax.weights.hf_import import open_safetensors
 
 FORMAT = "alm_jax.bundle"
 VERSION = 1
@@ -130,7 +130,7 @@ def _stored_tensors(path: Path) -> dict[str, tuple[Path, str]]:
     single = path / "trainable.safetensors"
     if not single.is_file():
         raise CheckpointError(f"bundle {path} has no trainable.safetensors")
-    with safe_open(str(single), "numpy") as f:
+    with open_safetensors(single) as f:
         return {k: (single, k) for k in f.keys()}
 
 
@@ -166,7 +166,7 @@ def load_bundle(path: str | Path, *, mesh=None) -> tuple[ModelConfig, AudioLangu
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
     for name, var in target.items():
         file, key = stored[name]
-        with safe_open(str(file), "numpy") as f:
+        with open_safetensors(file) as f:
             value = f.get_tensor(key)
         if tuple(value.shape) != tuple(var.shape):
             raise CheckpointError(f"bundle {path}: {name} has shape {tuple(value.shape)}, the model wants "

@@ -22,6 +22,12 @@ when the recipe's `accepts(text)` (if it has one) rejects it, or when it was cut
 and `drop_unfinished` is set. Records carry `metadata.response_tokens` and
 `metadata.finished` (ended with EOS). Determinism: a shard's bytes depend only on its items, the model
 and the settings, not on the process count or on which shards ran before; nothing time-dependent is stored.
+
+Settings: the corpus records what produced it (`generation_settings`: recipe and its options, seed,
+generator name, sampling, token limits, source; `alm generate` passes its own, command-line, form) in
+layout.json and the manifest. A rerun into the same directory with other settings stops before any
+model loads (`DataError` kind `settings_mismatch`, see `data/corpus.py`): a corpus never mixes records
+of two settings.
 """
 
 from __future__ import annotations
@@ -366,11 +372,48 @@ class _ShardRecords:
             return e
 
 
+def _describe(value: Any) -> Any:
+    """A JSON-able, short description of an option value (long values by their sha256)."""
+    import hashlib
+    import json
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 200):
+        return value
+    if callable(value) and not isinstance(value, (list, tuple, dict)):
+        return f"<{getattr(value, '__qualname__', type(value).__name__)}>"
+    text = json.dumps(value, sort_keys=True, default=str)
+    return json.loads(text) if len(text) <= 200 else {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _public_options(obj: Any) -> dict[str, Any]:
+    return {k: _describe(v) for k, v in sorted(vars(obj).items())
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str, list, tuple, dict)))}
+
+
+def generation_settings(source, recipe, generator, *, audio_format: str = "flac",
+                        drop_unfinished: bool = False) -> dict[str, Any]:
+    """What makes the records of a generated corpus, as recorded in its layout.json (see the module doc):
+    the recipe (id and public options, long ones by hash), the generator (name, sampling, token limits,
+    stop strings), the source (type and public options), the audio format and `drop_unfinished`."""
+    sampling = getattr(generator, "sampling", None)
+    return {
+        "recipe": getattr(recipe, "recipe_id", type(recipe).__name__), "recipe_options": _public_options(recipe),
+        "generator": getattr(generator, "name", type(generator).__name__),
+        "sampling": ({k: _describe(v) for k, v in dataclasses.asdict(sampling).items()}
+                     if dataclasses.is_dataclass(sampling) else None),
+        "max_new_tokens": getattr(generator, "max_new_tokens", None),
+        "max_prompt_tokens": getattr(generator, "max_prompt_tokens", None),
+        "stop_strings": list(getattr(generator, "stop_strings", ())),
+        "source": type(source).__name__, "source_options": _public_options(source),
+        "audio_format": audio_format, "drop_unfinished": bool(drop_unfinished),
+    }
+
+
 def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | os.PathLike | ResponseGenerator, *,
                     n_records: int, records_per_shard: int, batch_size: int = 16, max_new_tokens: int = 64,
                     max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
                     process_index: int = 0, process_count: int = 1, audio_format: str = "flac",
-                    drop_unfinished: bool = False, on_shard=None, **write_options: Any) -> list[dict[str, Any]]:
+                    drop_unfinished: bool = False, on_shard=None, settings: dict[str, Any] | None = None,
+                    **write_options: Any) -> list[dict[str, Any]]:
     """Write this process's shards of a self-generated corpus; returns their `.done` stats (see `write_corpus`).
 
     source: `source[i] -> (ClipMeta, waveform)` with `len`; recipe: has `item_for(i, source) ->
@@ -378,8 +421,11 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
     (`ResponseGenerator`, `openai_backend.OpenAIGenerator`; then batch_size, max_*_tokens, prompt_bucket
     and dtype are its own).
     `write_options` go to `write_corpus` (writer_options, max_bad_fraction, min_seen, verify_existing,
-    finalize). on_shard(stats): called after each shard this call generates (progress). Per-shard stats
-    land in `out_dir/generation/`; `generation_report(out_dir)` sums them once the corpus is finished.
+    finalize, resume_command). on_shard(stats): called after each shard this call generates (progress).
+    Per-shard stats land in `out_dir/generation/`; `generation_report(out_dir)` sums them once the corpus
+    is finished. settings: what the corpus records as its settings (default `generation_settings(...)`); a
+    rerun into `out_dir` with other settings raises `DataError` kind `settings_mismatch` before any model
+    loads.
     """
     if hasattr(llm_dir, "generate") and hasattr(llm_dir, "prompt_ids"):   # a ready generator (any backend)
         generator = llm_dir
@@ -388,10 +434,13 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
                                       max_prompt_tokens=max_prompt_tokens, prompt_bucket=prompt_bucket, dtype=dtype)
     if not isinstance(records_per_shard, int) or records_per_shard < 1:
         raise ConfigError(f"generation: records_per_shard must be a positive int, got {records_per_shard!r}")
+    if settings is None:
+        settings = generation_settings(source, recipe, generator, audio_format=audio_format,
+                                       drop_unfinished=drop_unfinished)
     record_fn = _ShardRecords(source, recipe, generator, records_per_shard, n_records, audio_format, drop_unfinished,
                               out_dir, on_shard)
     return write_corpus(out_dir, record_fn, n_records, records_per_shard, process_index, process_count,
-                        **write_options)
+                        settings=settings, **write_options)
 
 
 LENGTH_BINS = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)

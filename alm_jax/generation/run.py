@@ -9,10 +9,15 @@
 `generation.sampler.SamplingConfig`.
 
 Resumable: finished shards are skipped, a killed run loses at most the shard in flight and never writes a
-duplicate (`data/corpus.py`). Multi-process (`jax.distributed`, e.g. `launch/local_multihost.sh`): process
-p writes shards p, p + P, ...; the bytes of a shard do not depend on the process count (sampling
-randomness is keyed by item index), and process 0 writes the manifest and the report once all shards
-exist. The generator LLM is placed on a mesh over this process's devices (`--fsdp`, `--tensor`).
+duplicate (`data/corpus.py`). The corpus records the settings that produce its records (`cli_settings`:
+recipe and options, seed, source and options, LLM name, backend, sampling, token limits, stop strings,
+drop_unfinished) and the command that continues it; a rerun with other settings (or another --n /
+--records-per-shard) stops before loading anything, saying what differs, to pass another --out for a new
+corpus, and the command that continues the old one.
+
+Multi-process (`jax.distributed`, e.g. `launch/local_multihost.sh`): process p writes shards p, p + P, ...;
+the bytes of a shard do not depend on the process count (sampling randomness is keyed by item index), and
+process 0 writes the manifest and the report once all shards exist. The generator LLM is placed on a mesh over this process's devices (`--fsdp`, `--tensor`).
 """
 
 from __future__ import annotations
@@ -43,18 +48,71 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _quote(value: Any) -> str:
+    import shlex
+    return shlex.quote(str(value))
+
+
+def resume_command(args, over: dict[str, dict[str, Any]]) -> str:
+    """The `alm generate` command line that continues the corpus of `args` (what `cli_settings` records;
+    without --batch-size and the parallelism flags, which do not change the records)."""
+    import json
+    parts = ["alm generate", "--recipe", args.recipe, "--source", args.source, "--llm", args.llm,
+             "--n", args.n, "--records-per-shard", args.records_per_shard, "--max-new-tokens", args.max_new_tokens,
+             "--max-prompt-tokens", args.max_prompt_tokens, "--seed", args.seed]
+    if args.backend != "native":
+        parts += ["--backend", args.backend] + (["--model", args.model] if args.model else [])
+    for stop in args.stop:
+        parts += ["--stop", stop]
+    if args.drop_unfinished:
+        parts.append("--drop-unfinished")
+    parts += [f"{prefix}.{k}={json.dumps(v)}" for prefix in PREFIXES for k, v in sorted(over[prefix].items())]
+    parts += ["--out", args.out]
+    return " ".join(p if p == "alm generate" else _quote(p) for p in parts)
+
+
+def cli_settings(args, over: dict[str, dict[str, Any]], sampling) -> dict[str, Any]:
+    """What `alm generate` records as the settings of a corpus (compared on every rerun)."""
+    llm = args.model if args.backend == "openai" and args.model else Path(args.llm_dir).resolve().name
+    return {"recipe": args.recipe, "recipe_options": over["recipe"], "seed": args.seed,
+            "source": args.source if args.source == "demo" else Path(args.source).name,
+            "source_options": over["source"], "llm": llm, "backend": args.backend,
+            "sampling": dataclasses.asdict(sampling), "max_new_tokens": args.max_new_tokens,
+            "max_prompt_tokens": args.max_prompt_tokens, "stop": list(args.stop),
+            "drop_unfinished": bool(args.drop_unfinished)}
+
+
+def check_out_dir(args, settings: dict[str, Any]) -> None:
+    """Stop (`DataError`) before any work when --out holds a corpus of other settings or layout."""
+    from alm_jax.data.bad_data import data_error
+    from alm_jax.data.corpus import check_resume
+    from alm_jax.errors import DataError
+    try:
+        check_resume(args.out, args.n, args.records_per_shard, settings)
+    except DataError as e:
+        if getattr(e, "kind", None) not in ("settings_mismatch", "layout_mismatch"):
+            raise
+        recorded = e.recorded
+        old = recorded.get("command") or f"the settings recorded in {Path(args.out) / 'layout.json'}"
+        raise data_error(e.kind, f"--out {args.out} holds a corpus generated with other settings ("
+                                 f"{'; '.join(e.differences)}); a corpus never mixes the records of two settings. "
+                                 "To start a new corpus with this run's settings, pass another --out; to continue "
+                                 f"this one, rerun with its settings:\n  {old}") from None
+
+
 def build_source(spec: str, n: int, options: dict[str, Any]):
     """`demo` | a JSONL manifest | a TFDS dataset directory -> a random-access source of `(meta, wave)`."""
     if spec == "demo":
         from alm_jax.data.sources.demo import DemoSource
         return DemoSource(n_clips=n, **options)
     path = Path(spec)
+    from alm_jax.data.sources.random_access import RandomAccessWaveforms
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         from alm_jax.data.sources.jsonl import JsonlSource
-        return JsonlSource(path, **options)
+        return RandomAccessWaveforms(JsonlSource(path, **options))
     if path.is_dir():
         from alm_jax.data.sources.tfds_dir import TfdsDirSource
-        return TfdsDirSource(path, **options)
+        return RandomAccessWaveforms(TfdsDirSource(path, **options))
     raise ConfigError(f"--source {spec!r}: give `demo`, a JSONL manifest (*.jsonl) or a prepared TFDS dataset "
                       "directory (<data_dir>/<name>/<version>)")
 
@@ -106,6 +164,9 @@ def run_generate(args) -> dict:
     except TypeError as e:
         raise ConfigError(f"sampling.* overrides: {e}; fields: "
                           f"{[f.name for f in dataclasses.fields(SamplingConfig)]}") from e
+    args.llm_dir = llm
+    settings, command = cli_settings(args, over, sampling), resume_command(args, over)
+    check_out_dir(args, settings)
     source = build_source(args.source, args.n, over["source"])
     if len(source) < args.n:
         raise ConfigError(f"--n {args.n} but the source has {len(source)} clips; lower --n")
@@ -130,7 +191,8 @@ def run_generate(args) -> dict:
     progress = Progress(len(mine), done).start()
     stats = generate_corpus(args.out, source, recipe, generator, n_records=args.n,
                             records_per_shard=args.records_per_shard, process_index=pi, process_count=pc,
-                            drop_unfinished=args.drop_unfinished, on_shard=progress, finalize=False)
+                            drop_unfinished=args.drop_unfinished, on_shard=progress, finalize=False,
+                            settings=settings, resume_command=command)
     if progress.tty:
         sys.stderr.write("\n")
     if pc > 1:

@@ -7,23 +7,27 @@ model does not have, that fills a path twice, or whose transformed shape differs
 `WeightImportError` naming the key; so does a model parameter that no tensor filled (missing).
 
 Tensors are read one at a time with `safetensors.safe_open` and placed straight onto their target
-sharding, so a 7B model never exists twice in host RAM.
+sharding, so a 7B model never exists twice in host RAM. A truncated or corrupt safetensors file (bad
+header, data not covering what the header declares) raises `WeightImportError` naming the file and
+saying to download or convert it again (`open_safetensors`); a damaged byte inside a tensor's data cannot
+be detected: the format carries no checksum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from alm_jax.errors import WeightImportError
 from alm_jax.sharding import state_shardings
@@ -73,12 +77,59 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     raise WeightImportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
 
 
+def _damaged(path: Path, err: BaseException) -> WeightImportError:
+    return WeightImportError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+                             "truncated or corrupt (an interrupted download or conversion?): download it again, or "
+                             "convert it again (demo models: `alm models prepare-demo --force`)")
+
+
+class _CheckedFile:
+    """A `safe_open` handle whose reads raise `WeightImportError` naming the file."""
+
+    def __init__(self, handle: Any, path: Path):
+        self._handle, self.path = handle, path
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _damaged(self.path, e) from None
+
+    def keys(self) -> list[str]:
+        return self._call(self._handle.keys)
+
+    def get_slice(self, key: str) -> Any:
+        return self._call(self._handle.get_slice, key)
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        return self._call(self._handle.get_tensor, key)
+
+    def metadata(self) -> Any:
+        return self._call(self._handle.metadata)
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[_CheckedFile]:
+    """`safe_open(path, framework="numpy")`, with a missing, truncated or corrupt file raising
+    `WeightImportError` that names it and says to download / convert it again."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightImportError(f"missing checkpoint file {path}; download the model again (or check the "
+                                "directory: an index lists this shard)")
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _damaged(path, e) from None
+    with handle as h:
+        yield _CheckedFile(h, path)
+
+
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]]:
     """Yields (key, load, shape) for every tensor; `load()` reads just that tensor as numpy."""
     for f in safetensors_files(model_dir):
         if not f.exists():
             raise WeightImportError(f"missing checkpoint shard {f}")
-        with safe_open(str(f), framework="numpy") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 shape = tuple(sf.get_slice(key).get_shape())
                 yield key, (lambda sf=sf, key=key: sf.get_tensor(key)), shape

@@ -5,10 +5,8 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from safetensors import safe_open
-
 from alm_jax.errors import WeightImportError
-from alm_jax.weights.hf_import import read_config, safetensors_files
+from alm_jax.weights.hf_import import open_safetensors, read_config, safetensors_files
 
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "whisper": "whisper", "mistral": "llama"}
 
@@ -26,7 +24,7 @@ def describe_checkpoint(model_dir: str | Path) -> dict:
                                 f"supported: {sorted(set(FAMILIES))}")
     dtypes: dict[str, int] = collections.Counter()
     for f in safetensors_files(model_dir):
-        with safe_open(str(f), framework="numpy") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 sl = sf.get_slice(key)
                 n = 1

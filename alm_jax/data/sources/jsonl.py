@@ -16,7 +16,9 @@ One JSON object per line:
 Times inside the clip (segments, events) are relative to `start`. An absolute path, a `..` component,
 or a symlink that leaves the root is refused (`DataError`, kind `path_traversal`). A line that is not
 UTF-8 / not JSON / lacks `path`, or whose file is missing or has no readable header, is skipped and
-counted in the `BadDataCounter`.
+counted in the `BadDataCounter`. The scan also decodes each line's audio span (`check_audio`, default
+on): a file that is truncated or garbage (`undecodable`), holds NaN/inf (`nonfinite`), is empty or too
+long is skipped and counted by that kind, so it never reaches a corpus.
 """
 
 from __future__ import annotations
@@ -64,19 +66,21 @@ class JsonlSource:
     label_vocabulary: the source-wide label set (a line's own `label_vocabulary` wins); `"auto"` scans
       the manifest once for the union of all labels.
     counter: receives the skipped lines by kind (a fresh one by default; see `self.counter`).
+    check_audio: decode every span during the scan (see the module doc); False reads only headers, and a
+      bad file then fails when its loader runs.
     """
 
     def __init__(self, manifest: str | os.PathLike, root: str | os.PathLike | None = None, *,
                  name: str | None = None, label_vocabulary: Sequence[str] | str = (),
                  counter: BadDataCounter | None = None,
-                 max_seconds: float = audio_io.DEFAULT_MAX_SECONDS):
+                 max_seconds: float = audio_io.DEFAULT_MAX_SECONDS, check_audio: bool = True):
         self.manifest = os.fspath(manifest)
         self.root = os.path.realpath(root if root is not None else os.path.dirname(self.manifest) or ".")
         if not os.path.isdir(self.root):
             raise data_error("missing_file", f"manifest root {self.root} is not a directory")
         self.name = name or os.path.splitext(os.path.basename(self.manifest))[0]
         self.counter = counter if counter is not None else BadDataCounter()
-        self.max_seconds = max_seconds
+        self.max_seconds, self.check_audio = max_seconds, check_audio
         if label_vocabulary == "auto":
             label_vocabulary = self._collect_labels()
         self.label_vocabulary = tuple(label_vocabulary)
@@ -150,6 +154,12 @@ class JsonlSource:
                             f"max_seconds={self.max_seconds:g}")
         loader = functools.partial(audio_io.read_audio_file, path, start=d.get("start"), end=d.get("end"),
                                    max_seconds=self.max_seconds)
+        if self.check_audio:
+            try:
+                loader()
+            except AudioError as e:
+                raise audio_io.audio_error(getattr(e, "kind", None) or "undecodable",
+                                           f"{self._where(lineno)}: {e}") from None
         return meta, loader
 
     def _meta(self, d: dict[str, Any], file_duration: float, sr: int) -> ClipMeta:
