@@ -7,7 +7,10 @@ cannot join a cluster afterwards.
 Detection order for `mode="auto"`:
 1. explicit arguments, or the env `JAX_COORDINATOR_ADDRESS` (+ `JAX_COORDINATOR_PORT` when the address
    has no port) + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID` (+ optional `JAX_LOCAL_DEVICE_IDS="0,1"`);
-2. SLURM with more than one task (`SLURM_NTASKS` > 1, `SLURM_PROCID`): JAX reads the rest from SLURM;
+2. SLURM with more than one task (`SLURM_NTASKS` > 1, `SLURM_PROCID`): JAX reads the rest from SLURM
+   (coordinator: the first node of the step, port from the job id or `JAX_COORDINATOR_PORT`). JAX then
+   gives each task ONE local GPU (`SLURM_LOCALID`), right for one task per GPU; for one task per node
+   set `JAX_LOCAL_DEVICE_IDS=0,...,7` (`launch/gpu_slurm.sbatch` does), which every method honours;
 3. Open MPI with more than one rank (`OMPI_COMM_WORLD_SIZE` > 1);
 4. a Cloud TPU VM (libtpu installed and a TPU device node or TPU worker env): JAX asks the TPU metadata;
 5. otherwise a single process: nothing to do.
@@ -76,6 +79,16 @@ def detect_cluster() -> str:
     return "single"
 
 
+def _local_device_ids_env() -> list[int] | None:
+    v = os.environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    if not v:
+        return None
+    try:
+        return [int(x) for x in v.split(",")]
+    except ValueError:
+        raise ConfigError(f"JAX_LOCAL_DEVICE_IDS={v!r} must be comma-separated device numbers, e.g. 0,1,2,3") from None
+
+
 def _explicit_args(coordinator, num_processes, process_id, local_device_ids):
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     port = os.environ.get("JAX_COORDINATOR_PORT")
@@ -83,8 +96,8 @@ def _explicit_args(coordinator, num_processes, process_id, local_device_ids):
         coordinator = f"{coordinator}:{port}"
     num_processes = num_processes if num_processes is not None else _int_env("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _int_env("JAX_PROCESS_ID")
-    if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
-        local_device_ids = [int(x) for x in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    if local_device_ids is None:
+        local_device_ids = _local_device_ids_env()
     missing = [n for n, v in (("coordinator (JAX_COORDINATOR_ADDRESS host:port)", coordinator),
                               ("num_processes (JAX_NUM_PROCESSES)", num_processes),
                               ("process_id (JAX_PROCESS_ID)", process_id)) if v is None]
@@ -127,8 +140,11 @@ def initialize_distributed(mode: Literal["auto", "off", "explicit"] = "auto", co
         kwargs = _explicit_args(coordinator, num_processes, process_id, local_device_ids)
         if kwargs["num_processes"] == 1:
             method = "single"
-    elif local_device_ids is not None:
-        kwargs["local_device_ids"] = local_device_ids
+    else:
+        if local_device_ids is None:
+            local_device_ids = _local_device_ids_env()
+        if local_device_ids is not None:
+            kwargs["local_device_ids"] = local_device_ids
     if method == "single":
         _METHOD = method
         return process_info()

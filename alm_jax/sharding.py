@@ -5,6 +5,16 @@ here and nowhere else, so changing parallelism never touches model code.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter sharding), `tensor`
 (tensor/model parallel).
+
+Multi-slice (hybrid) meshes: `mesh.data`, `mesh.fsdp`, `mesh.tensor` describe ONE slice (devices joined by
+the fast intra-slice network: TPU ICI, or NVLink inside a GPU node) and `mesh.dcn_data` is the number of
+slices (joined by the data-center network, DCN), which only replicate data. The mesh keeps the three axis
+names, so the rule table below is unchanged: its `data` axis has `dcn_data * data` entries, slice-major
+(entry `s * data + i` is position `i` of slice `s`), so neighbours along `data` inside a slice talk over
+ICI and only the gradient all-reduce crosses DCN. Slices are the devices' `slice_index` (Cloud TPU
+multi-slice, via `jax.experimental.mesh_utils.create_hybrid_device_mesh`); devices without one (CPU, most
+GPU clusters) are cut into `dcn_data` contiguous groups of `jax.devices()`, which is process-major, so a
+slice is a set of whole processes (hosts) when `dcn_data` divides the process count.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from alm_jax.errors import ConfigError
@@ -56,10 +67,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 to fill the devices."""
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+def _fill_sizes(sizes: list[int], n: int, what: str) -> list[int]:
+    """(data, fsdp, tensor) with a -1 filled so that their product is `n`; ConfigError naming the numbers."""
     if sum(s == -1 for s in sizes) > 1:
         raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
     for name, s in zip(MESH_AXES, sizes):
@@ -67,15 +76,101 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
             raise ConfigError(f"mesh.{name}={s}: sizes must be positive integers or -1 (fill)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh: {len(devices)} devices are not divisible by the fixed axes product {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ConfigError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices; "
-            "make the product equal the device count or set one axis to -1")
-    arr = np.asarray(devices).reshape(sizes)
+        if n % known:
+            raise ConfigError(f"mesh: {what} are not divisible by the fixed axes product {known}")
+        sizes[sizes.index(-1)] = n // known
+    return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, dcn_data: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 to fill the devices.
+
+    With `dcn_data` > 1 the sizes are per slice and the mesh is hybrid (see the module docstring): its
+    `data` axis is `dcn_data * data`, slice-major."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if not isinstance(dcn_data, int) or dcn_data < 1:
+        raise ConfigError(f"mesh.dcn_data={dcn_data}: the number of slices must be a positive integer")
+    if dcn_data == 1:
+        sizes = _fill_sizes([data, fsdp, tensor], n, f"{n} devices")
+        if math.prod(sizes) != n:
+            raise ConfigError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices; "
+                "make the product equal the device count or set one axis to -1")
+        arr = np.asarray(devices).reshape(sizes)
+    else:
+        if n % dcn_data:
+            raise ConfigError(f"mesh.dcn_data={dcn_data} slices do not divide the {n} devices; set mesh.dcn_data "
+                              "to the number of slices (or hosts groups)")
+        per_slice = n // dcn_data
+        sizes = _fill_sizes([data, fsdp, tensor], per_slice,
+                            f"the {per_slice} devices per slice ({n} devices / mesh.dcn_data={dcn_data})")
+        if math.prod(sizes) != per_slice:
+            d, f, t = sizes
+            raise ConfigError(
+                f"mesh: dcn_data*data*fsdp*tensor = {dcn_data}*{d}*{f}*{t} = {dcn_data * d * f * t} but there are "
+                f"{n} devices ({per_slice} per slice for mesh.dcn_data={dcn_data}); make data*fsdp*tensor equal "
+                f"{per_slice} or set one axis to -1")
+        arr = hybrid_device_array(sizes, dcn_data, devices)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _slices(devices: Sequence[Any]) -> list[list[Any]] | None:
+    """The devices grouped by `slice_index` (sorted by it), or None when they have none or share one."""
+    if not all(hasattr(d, "slice_index") for d in devices):
+        return None
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(d.slice_index, []).append(d)
+    return [groups[k] for k in sorted(groups)] if len(groups) > 1 else None
+
+
+def _process_contiguous(arr: np.ndarray) -> bool:
+    """Whether every process's devices hold one contiguous run of batch rows (the (data, fsdp) positions),
+    as `alm_jax.data.multihost.process_rows` needs."""
+    rows = arr.reshape(arr.shape[0] * arr.shape[1], -1)
+    where: dict[int, list[int]] = {}
+    for r, row in enumerate(rows):
+        for p in {d.process_index for d in row}:
+            where.setdefault(p, []).append(r)
+    return all(r[-1] - r[0] + 1 == len(r) for r in where.values())
+
+
+def hybrid_device_array(ici_shape: Sequence[int], dcn_data: int, devices: Sequence[Any]) -> np.ndarray:
+    """Devices as a `(dcn_data * data, fsdp, tensor)` array for a hybrid mesh: slice `s` fills data rows
+    `[s * data, (s + 1) * data)`, laid out as `ici_shape = (data, fsdp, tensor)` inside.
+
+    Devices with several `slice_index` values (Cloud TPU multi-slice) go through
+    `mesh_utils.create_hybrid_device_mesh` (topology-aware inside each slice); if that order would give a
+    process non-contiguous batch rows, each slice is laid out in (process, device id) order instead.
+    Devices without slices (CPU, GPU) are cut into `dcn_data` contiguous groups in the given order
+    (MaxText's CPU/GPU fallback is the same idea: `process_is_granule`)."""
+    ici_shape = tuple(int(s) for s in ici_shape)
+    per_slice = math.prod(ici_shape)
+    devices = list(devices)
+    groups = _slices(devices)
+    if groups is not None:
+        if len(groups) != dcn_data:
+            raise ConfigError(f"mesh.dcn_data={dcn_data} but the {len(devices)} devices belong to {len(groups)} "
+                              f"slices (their slice_index); set mesh.dcn_data={len(groups)}")
+        sizes = sorted({len(g) for g in groups})
+        if sizes != [per_slice]:
+            raise ConfigError(f"mesh: each slice must have data*fsdp*tensor = {per_slice} devices "
+                              f"({dict(zip(MESH_AXES, ici_shape))}), but the slices have {sizes} devices")
+        try:
+            arr = mesh_utils.create_hybrid_device_mesh(ici_shape, (dcn_data, 1, 1), devices)
+        except (ValueError, NotImplementedError, AssertionError):   # no topology-aware layout for this shape
+            arr = None
+        if arr is not None and _process_contiguous(arr):
+            return arr
+        groups = [sorted(g, key=lambda d: (d.process_index, d.id)) for g in groups]
+    else:
+        if len(devices) != dcn_data * per_slice:
+            raise ConfigError(f"mesh: dcn_data*data*fsdp*tensor = {dcn_data}*{per_slice} = {dcn_data * per_slice} "
+                              f"but there are {len(devices)} devices")
+        groups = [devices[s * per_slice:(s + 1) * per_slice] for s in range(dcn_data)]
+    return np.concatenate([np.asarray(g, dtype=object).reshape(ici_shape) for g in groups], axis=0)
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int] | None = None,
@@ -128,9 +223,9 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def mesh_from_config(cfg) -> Mesh:
-    """The run's mesh from a `MeshConfig`: `mesh.data` (times `mesh.dcn_data`), `mesh.fsdp`, `mesh.tensor`."""
-    data = cfg.data * cfg.dcn_data if cfg.data != -1 else -1
-    return make_mesh(data, cfg.fsdp, cfg.tensor)
+    """The run's mesh from a `MeshConfig`: `mesh.data`, `mesh.fsdp`, `mesh.tensor` per slice, times
+    `mesh.dcn_data` slices along `data` (a hybrid ICI x DCN mesh when it is > 1)."""
+    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor, dcn_data=cfg.dcn_data)
 
 
 def host_scalars(tree: dict) -> dict[str, float]:
