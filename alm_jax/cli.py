@@ -9,6 +9,8 @@
     alm eval score --benchmark B --predictions FILE   score MMAU / MMSU / MMAR predictions (official rules)
     alm export CKPT_DIR --format F --out DIR   llm | peft | qwen2-audio | bundle (alm_jax/export)
     alm import BUNDLE [--out CKPT_DIR]         rebuild a bundle's JAX model (and write it as a checkpoint)
+    alm scale --config C --fractions F,... --out DIR (--budget steps-per-sample=K | --epochs E)   data-size study
+    alm corpus verify|finalize DIR  check a corpus (sizes, sha256, records) / rebuild its manifest
     alm demo                        the main job on CPU with the bundled real models
 """
 
@@ -19,6 +21,16 @@ import sys
 from pathlib import Path
 
 from alm_jax.errors import AlmError, ConfigError
+
+# `alm train` exit status: 0 finished (steps done, or data.epochs ran out), EXIT_PREEMPTED stopped by
+# SIGTERM/SIGINT after checkpointing (requeue it: resume=auto continues), 1 failed (an `alm: error:` line).
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
+TRAIN_EPILOG = f"""exit status: 0 finished (all steps, or data.epochs ran out: stopped_by data_exhausted);
+{EXIT_PREEMPTED} preempted (SIGTERM/SIGINT: checkpointed at the current step; requeue, resume=auto continues;
+EX_TEMPFAIL); 1 failed (one "alm: error:" line says what to change; divergence and non-finite stops too).
+resuming: resume=auto|none|STEP|PATH. A run owns checkpoint.dir: resuming before its newest step is refused
+unless resume_discard_later=true (deletes the later steps); a changed model.*/data.*/optim.*/seed is refused
+unless resume_allow_changes=[KEY,...] names it (recorded as an event row in metrics.jsonl)."""
 
 
 def _cmd_info(args) -> int:
@@ -51,10 +63,11 @@ def _cmd_train(args) -> int:
     from alm_jax.weights.demo_models import resolve_demo_paths
     cfg = resolve_demo_paths(load_config(args.config, args.overrides))
     result = train(cfg, evaluators=build_evaluators(cfg))
-    print(f"finished at step {result.step} ({result.stopped_by}); last loss "
+    verb = "stopped (preempted; resume=auto continues)" if result.stopped_by == "preempted" else "finished"
+    print(f"{verb} at step {result.step} ({result.stopped_by}); last loss "
           f"{result.losses[max(result.losses)] if result.losses else float('nan'):.4f}; "
           f"skipped steps {result.skipped_steps}; bad samples {result.bad_samples.get('bad', {})}")
-    return 0
+    return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
 
 
 def _cmd_eval_score(args) -> int:
@@ -175,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prepare_demo)
     models.set_defaults(func=lambda a: (models.print_help(), 2)[1])
 
-    tr = sub.add_parser("train", help="train or resume an ALM from a YAML config plus dotted overrides")
+    tr = sub.add_parser("train", help="train or resume an ALM from a YAML config plus dotted overrides",
+                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config file (see configs/)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 mesh.fsdp=4 resume=none")
     tr.add_argument("--distributed", default="auto", choices=["auto", "off", "explicit"],
@@ -231,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     from alm_jax.generation.run import add_parser as add_generate, add_serve_parser
     add_generate(sub)
     add_serve_parser(sub)
+    from alm_jax.data.verify import add_parser as add_corpus
+    add_corpus(sub)
+    from alm_jax.scaling.study import add_parser as add_scale
+    add_scale(sub)
 
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")

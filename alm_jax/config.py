@@ -148,6 +148,20 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DivergenceConfig:
+    """The divergence guard (training/divergence.py). A step whose loss or gradient norm is more than
+    `max_*_ratio` x the median of the last `window` healthy steps, or whose update leaves the trainable
+    parameters' norm more than `max_param_ratio` x their recent median, stops the run (0 turns a check off).
+    Checkpoints saved from the states that produced it are moved to `checkpoint.dir/diverged/`, so
+    `resume=auto` (and `alm eval` / `alm export`) only see good ones."""
+    window: int = 20              # healthy steps the running median covers
+    min_history: int = 5          # loss/grad checks start once this many healthy steps are seen (per process run)
+    max_loss_ratio: float = 10.0
+    max_grad_ratio: float = 0.0   # off: gradient norms legitimately swing by orders of magnitude
+    max_param_ratio: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -159,8 +173,11 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     sync_every_step: Literal["auto", "on", "off"] = "auto"   # auto: on for multi-device CPU (see ENVIRONMENT.md)
-    resume: str = "auto"          # auto | none | a step number | a checkpoint path
+    resume: str | int = "auto"    # auto | none | a step number (resume=9) | a checkpoint path
+    resume_discard_later: bool = False   # resuming before the newest step deletes the later ones (else refused)
+    resume_allow_changes: tuple[str, ...] = ()   # config keys/sections that may differ from the checkpoint's
     max_bad_steps: int = 5        # consecutive non-finite steps before stopping
+    divergence: DivergenceConfig = DivergenceConfig()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -312,3 +329,125 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Value checks the types cannot express (counts >= 1, ratios >= 0, ...): a ConfigError naming the key
+    and what it must be, before anything is built."""
+    import math
+    _check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1 (the optimizer step to train to)")
+    d, o = cfg.data, cfg.optim
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1 (the global batch)")
+    _check(d.epochs >= 0, "data.epochs", d.epochs, "must be >= 0 (0 = repeat the corpus forever)")
+    _check(d.max_text_tokens >= 1, "data.max_text_tokens", d.max_text_tokens, "must be >= 1")
+    _check(d.max_clips >= 1, "data.max_clips", d.max_clips, "must be >= 1")
+    _check(0 < d.fraction <= 1, "data.fraction", d.fraction, "must be in (0, 1]")
+    _check(d.shards >= 0, "data.shards", d.shards, "must be >= 0 (0 = one per process)")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(math.isfinite(o.lr) and o.lr >= 0, "optim.lr", o.lr, "must be a finite number >= 0")
+    _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "must be >= 1")
+    _check(d.batch_size % o.grad_accum == 0, "optim.grad_accum", o.grad_accum,
+           f"must divide data.batch_size={d.batch_size} (each microbatch is batch_size / grad_accum rows)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.total_steps >= 1, "optim.total_steps", o.total_steps, "must be >= 1 (the schedule's length)")
+    _check(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
+    for k in ("every", "keep_last", "keep_every"):
+        v = getattr(cfg.checkpoint, k)
+        _check(v >= 0, f"checkpoint.{k}", v, "must be >= 0")
+    _check(cfg.logging.every >= 0, "logging.every", cfg.logging.every, "must be >= 0 (0 = no metrics rows)")
+    _check(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "must be >= 0 (0 = no evals)")
+    _check(cfg.max_bad_steps >= 1, "max_bad_steps", cfg.max_bad_steps, "must be >= 1")
+    g = cfg.divergence
+    _check(g.window >= 1, "divergence.window", g.window, "must be >= 1")
+    _check(1 <= g.min_history <= g.window, "divergence.min_history", g.min_history,
+           f"must be between 1 and divergence.window={g.window}")
+    for k in ("max_loss_ratio", "max_grad_ratio", "max_param_ratio"):
+        v = getattr(g, k)
+        _check(v == 0 or v > 1, f"divergence.{k}", v, "must be 0 (off) or > 1 (a multiple of the running median)")
+    if isinstance(cfg.resume, int):
+        _check(cfg.resume >= 1, "resume", cfg.resume, "a step number must be >= 1 (or use auto / none / a path)")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+# Keys a resumed run may change freely: where and how often it logs, checkpoints and evaluates, how long it
+# runs, its mesh (restore onto any mesh), and the resume settings and guards themselves. Every other key
+# (model.*, data.*, optim.*, seed, and any key added later) changes the data order or the math: a change is
+# refused unless `resume_allow_changes` names it.
+RESUME_FREE_KEYS = ("logging", "checkpoint", "eval", "mesh", "steps", "resume", "resume_discard_later",
+                    "resume_allow_changes", "sync_every_step", "max_bad_steps", "divergence")
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}, "l": [{"x": 2}]}` -> `{"a.b": 1, "l.0.x": 2}` (lists of scalars stay leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out[key + ".len"] = len(v)
+            for i, x in enumerate(v):
+                out.update(flatten_config(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _under(key: str, section: str) -> bool:
+    return key == section or key.startswith(section + ".")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def resume_config_changes(stored: dict, current: dict, defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
+    """`{key: (checkpoint's value, current value)}` for every compared key (not under RESUME_FREE_KEYS) that
+    differs. A key the stored config lacks (written before the key existed) counts as its default."""
+    old, new = flatten_config(stored), flatten_config(current)
+    base = flatten_config(defaults if defaults is not None else to_dict(TrainConfig()))
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if any(_under(key, s) for s in RESUME_FREE_KEYS):
+            continue
+        if key not in new:
+            continue   # a key that no longer exists
+        was = old[key] if key in old else base.get(key)
+        if not _same(was, new[key]):
+            changes[key] = (was, new[key])
+    return changes
+
+
+def check_resume_changes(changes: dict[str, tuple[Any, Any]], allowed: tuple[str, ...], current: dict,
+                         where: str) -> dict[str, tuple[Any, Any]]:
+    """The changes `allowed` (keys or sections) accepts; a ConfigError naming the rest (and any allowed
+    entry that is not a compared key) otherwise. `where`: the checkpoint, for the message."""
+    keys = flatten_config(current)
+    for a in allowed:
+        if not any(_under(k, a) for k in keys) or any(_under(a, s) or _under(s, a) for s in RESUME_FREE_KEYS):
+            raise ConfigError(f"resume_allow_changes: {a!r} is not a key that resuming compares; name keys or "
+                              "sections of model.*, data.*, optim.* or seed (e.g. optim.lr, data)")
+    refused = {k: v for k, v in changes.items() if not any(_under(k, a) for a in allowed)}
+    if refused:
+        def short(x):
+            s = repr(x)
+            return s if len(s) <= 60 else s[:57] + "..."
+        listed = "; ".join(f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in refused.items())
+        raise ConfigError(f"resuming from {where} with a changed config ({listed}); these change the data order "
+                          "or the math, so the run would not continue the one checkpointed. Restore the values, "
+                          "start a new run (another checkpoint.dir, or resume=none there), or accept the change "
+                          f"with resume_allow_changes=[{','.join(refused)}]")
+    return changes

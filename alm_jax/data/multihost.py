@@ -148,10 +148,14 @@ class ShardedData:
 
 def build_batches(cfg: TrainConfig, llm_dir: str, corpora, *, rows: tuple[int, int], data_shards: int | None = None,
                   shuffle: bool = True, epochs: int | None | str = "config", batch_size: int | None = None,
-                  what: str = "data.corpus") -> ShardedData:
+                  what: str = "data.corpus", fraction: float | None = None) -> ShardedData:
     """The pipelines behind global rows `rows` of every global batch (see the module doc).
     epochs: passes over the corpus, None = repeat forever, "config" = `data.epochs`; batch_size: the
-    global batch (default `data.batch_size`)."""
+    global batch (default `data.batch_size`); fraction: the nested subset read (default `data.fraction` for
+    the training corpus, all of any other, e.g. held-out data: a scaling study scores every point on the
+    whole held-out set)."""
+    if fraction is None:
+        fraction = cfg.data.fraction if what == "data.corpus" else 1.0
     if epochs == "config":
         epochs = cfg.data.epochs or None
     if not corpora:
@@ -163,7 +167,7 @@ def build_batches(cfg: TrainConfig, llm_dir: str, corpora, *, rows: tuple[int, i
     for s in layout.shards:
         pcfg = PipelineConfig(batch_size=layout.rows_per_shard, seq_len=cfg.data.max_text_tokens,
                               max_clips=cfg.data.max_clips, seed=cfg.data.seed, shuffle=shuffle, epochs=epochs,
-                              fraction=cfg.data.fraction, num_workers=cfg.data.num_workers,
+                              fraction=fraction, num_workers=cfg.data.num_workers,
                               bad_fraction_limit=cfg.data.bad_fraction_limit, process_index=s,
                               process_count=layout.num_shards)
         sources = [Corpus(c).source for c in corpora]

@@ -33,9 +33,11 @@ shardings (`abstract_with_shardings`); Orbax reads each shard straight into its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import re
 import signal
 import threading
@@ -143,6 +145,25 @@ def _jsonable(d: Mapping) -> dict:
 # ------------------------------------------------------------------------------------------- manager
 
 
+@contextlib.contextmanager
+def _quiet_read_only(read_only: bool):
+    """Orbax warns on every read-only manager that it is read-only ("setting save_interval_steps=0",
+    "Given directory is read only"): noise on a reader's stderr, so those two are dropped."""
+    if not read_only:
+        yield
+        return
+
+    def keep(record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("read_only=True" in msg or "Given directory is read only" in msg)
+    log = logging.getLogger("absl")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def _item_handlers() -> dict:
     """Every item's handler, so that a fresh manager can read metadata and restore any subset."""
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_JSON: ocp.JsonCheckpointHandler(),
@@ -174,16 +195,18 @@ class Checkpointer:
         self.async_save = async_save
         self.cpu_copy = cpu_copy
         self._config = _jsonable(config) if config is not None else None
+        self._written: set[int] = set()   # steps this instance saved
         policies = [ocp.checkpoint_managers.LatestN(keep_last if keep_last > 0 else None)]
         if keep_every > 0 and keep_last > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
         policy = policies[0] if len(policies) == 1 else ocp.checkpoint_managers.AnyPreservationPolicy(policies)
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save,
-            preservation_policy=policy,   # when to save is decided in `save` (every/force)
-            create=not read_only, read_only=read_only)
         try:
-            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+            with _quiet_read_only(read_only):
+                options = ocp.CheckpointManagerOptions(
+                    enable_async_checkpointing=async_save,
+                    preservation_policy=policy,   # when to save is decided in `save` (every/force)
+                    create=not read_only, read_only=read_only)
+                self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         except Exception as e:  # noqa: BLE001 - Orbax raises many types; report them as one
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
 
@@ -213,12 +236,19 @@ class Checkpointer:
         dict or None) at `step` if `step % every == 0` or `force`. Returns whether a save started.
 
         The iterator's state is read now (synchronously), so advancing it afterwards is safe; the
-        arrays are copied off the device before an async save returns, so donating them is safe too."""
+        arrays are copied off the device before an async save returns, so donating them is safe too.
+        A step this instance already saved is skipped (e.g. a preemption save right after a regular one);
+        a step that another run left in the directory raises CheckpointError: it is never kept in place of
+        this run's state (the trainer discards or refuses such later steps before it trains)."""
         step = int(step)
-        if step in self._mngr.all_steps():
-            return False  # e.g. a preemption save at a step that was just saved
         if not force and not (self.every > 0 and step % self.every == 0):
             return False
+        if step in self._written:
+            return False
+        if step in self._mngr.all_steps():
+            raise CheckpointError(f"checkpoint step {step} already exists in {self.directory} (written by an "
+                                  "earlier run); it would not be replaced by this run's state. Resume from a "
+                                  "later step, or discard the later steps (resume_discard_later=true)")
         if self.async_save and self.cpu_copy:
             state = _detach_cpu_buffers(state)
         items = {STATE: ocp.args.StandardSave(state)}
@@ -233,9 +263,12 @@ class Checkpointer:
         if self._config is not None:
             items[CONFIG] = ocp.args.JsonSave(self._config)
         try:
-            return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
+            started = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {e}") from e
+        if started:
+            self._written.add(step)
+        return started
 
     def wait(self) -> None:
         """Blocks until every pending async save is written (and re-raises its error)."""
@@ -376,6 +409,52 @@ def _steps_in(root: Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)
                   and (p / "_CHECKPOINT_METADATA").exists())
+
+
+_STEP_ENTRY = re.compile(r"(\d+)(\.orbax-checkpoint-tmp.*)?")
+DIVERGED_DIR = "diverged"
+
+
+def step_entries(root: str | Path) -> list[tuple[int, Path, str]]:
+    """Every step entry under `root`, finished or not: `(step, path, kind)`, kind "finished" (what
+    `resolve_resume` can pick), "incomplete" (a step directory without Orbax's commit metadata: corrupt or
+    half-copied) or "unfinished" (an interrupted save's tmp directory). Sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_ENTRY.fullmatch(p.name)
+        if not m:
+            continue
+        kind = "unfinished" if m.group(2) else ("finished" if (p / "_CHECKPOINT_METADATA").exists() else "incomplete")
+        out.append((int(m.group(1)), p, kind))
+    return sorted(out, key=lambda e: (e[0], e[1].name))
+
+
+def remove_entries(paths) -> None:
+    """Deletes step directories (or stray files named like one)."""
+    import shutil
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def set_aside(root: str | Path, steps, into: str = DIVERGED_DIR) -> list[int]:
+    """Moves the finished step directories `steps` of `root` into `root/<into>/` (out of reach of
+    `resolve_resume` and `Checkpointer`, still on disk for inspection). Returns the steps moved."""
+    root, moved = Path(root), []
+    wanted = {int(s) for s in steps}
+    for step, path, _ in step_entries(root):
+        if step in wanted:
+            dest = root / into / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            remove_entries([dest])
+            path.rename(dest)
+            moved.append(step)
+    return moved
 
 
 def resolve_resume(mode: str | int | None, directory: str | Path) -> ResumePoint | None:

@@ -14,7 +14,13 @@ progress line.
 
 Only process 0 writes (files and progress). `metrics.jsonl` holds one JSON object per logged step;
 non-finite floats are written as null. TensorBoard scalars are the same keys; a dict value such as
-`bad_samples_by_kind` becomes `bad_samples_by_kind/<kind>`.
+`bad_samples_by_kind` becomes `bad_samples_by_kind/<kind>`. A row with an "event" key is not metrics
+but a record of something that happened at that step (`MetricsLogger.event`: e.g. a resume that accepted
+a changed config or discarded later checkpoints).
+
+**Resuming** (`start_step=k`): the file keeps one timeline. Rows of steps after k (written by the run that
+went past the checkpoint being resumed) are moved to `metrics.discarded.jsonl`, and TensorBoard is told to
+purge its points after k, so every step is logged once, by the run whose state the checkpoints hold.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 from alm_jax.training.flops import mfu as _mfu
 
 METRICS_FILE = "metrics.jsonl"
+DISCARDED_FILE = "metrics.discarded.jsonl"
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -164,6 +171,8 @@ def _plain(v):
     """JSON-safe scalar: numpy/jax scalars -> Python; non-finite floats -> None."""
     if isinstance(v, Mapping):
         return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
     if v is None or isinstance(v, (bool, str)):
         return v
     if hasattr(v, "shape") and getattr(v, "shape", ()) == ():
@@ -196,7 +205,7 @@ class MetricsLogger:
 
     def __init__(self, dir: str | os.PathLike, *, tensorboard: bool = True,
                  progress: Literal["auto", "on", "off"] = "auto", total_steps: int,
-                 process_index: int = 0, stream=None):
+                 process_index: int = 0, stream=None, start_step: int | None = None):
         if progress not in ("auto", "on", "off"):
             raise ValueError(f"progress={progress!r}: choose one of auto, on, off")
         self.dir = Path(dir)
@@ -211,13 +220,17 @@ class MetricsLogger:
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
         self._line_open = False      # a TTY progress line without its newline yet
+        self.dropped = 0             # rows moved to metrics.discarded.jsonl (start_step)
         if not self.active:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            self.dropped = drop_rows_after(self.dir, start_step)
         self._jsonl = open(self.dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=str(self.dir / "tb"))
+            purge = {"purge_step": int(start_step) + 1} if start_step is not None else {}
+            self._tb = SummaryWriter(logdir=str(self.dir / "tb"), **purge)
 
     @classmethod
     def from_config(cls, cfg, *, total_steps: int, process_index: int = 0, **kw) -> "MetricsLogger":
@@ -245,6 +258,15 @@ class MetricsLogger:
             self._tb.flush()
         if self.show_progress:
             self._progress(step, row)
+
+    def event(self, step: int, event: str, **fields) -> None:
+        """A JSONL row `{"step", "time", "event", **fields}` (no TensorBoard, no progress line)."""
+        if not self.active:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3), "event": event,
+               **{k: _plain(v) for k, v in fields.items()}}
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
+        self._jsonl.flush()
 
     def _progress(self, step: int, row: Mapping[str, Any]) -> None:
         parts = [f"step {step}/{self.total_steps}"]
@@ -283,6 +305,32 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def drop_rows_after(dir: str | os.PathLike, step: int) -> int:
+    """Moves the rows of `dir/metrics.jsonl` with a step after `step` (and any line cut short) to
+    `dir/metrics.discarded.jsonl` (appended); returns how many moved."""
+    path = Path(dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    keep, drop = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line).get("step")
+        except (ValueError, AttributeError):   # a line cut short by a kill: not a row
+            s = math.inf
+        (drop if isinstance(s, (int, float)) and s > step else keep).append(line + "\n")
+    if drop:
+        with open(Path(dir) / DISCARDED_FILE, "a", encoding="utf-8") as f:
+            f.writelines(drop)
+    if drop or (text and not text.endswith("\n")):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(drop)
 
 
 def read_metrics(dir: str | os.PathLike) -> list[dict]:
