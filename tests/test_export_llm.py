@@ -153,7 +153,7 @@ def test_llm_export_sharded_and_bfloat16(run, llm_dir, batch, tmp_path):
     files = formats.export(run, "llm", tmp_path / "sharded", dtype="float32", max_shard_bytes=20000)
     shards = [f for f in files if f.startswith("model-")]
     assert len(shards) > 2 and "model.safetensors.index.json" in files
-    with pytest.raises(ConfigError, match="already holds exported weights"):   # stale shards would be read
+    with pytest.raises(ConfigError, match="already holds"):   # stale shards would be read
         formats.export(run, "llm", tmp_path / "sharded", dtype="float32")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)

@@ -307,3 +307,24 @@ def test_a_loss_spike_sets_aside_the_checkpoint_that_produced_it(tiny, base_run,
     assert "The last good checkpoint is step 4" in msg
     assert _finished(run / "ckpt") == [2, 4] and (run / "ckpt" / "diverged" / "5" / "state").is_dir()
     assert resolve_resume("auto", run / "ckpt").step == 4
+
+
+# ---- fault matrix: a damaged Orbax step
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_checkpoint_step_stops_naming_it_and_the_fix(damage, tiny, base_run, tmp_path):
+    from alm_jax.errors import CheckpointError
+    from alm_jax.training.trainer import train
+    run = _copy(base_run, tmp_path)
+    files = sorted(p for p in (run / "ckpt" / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size > 64)
+    assert files
+    for p in files:
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(len(data)))
+    with pytest.raises(CheckpointError) as e:
+        train(_cfg(tiny, run, "resume=auto"))
+    msg = str(e.value)
+    assert "4" in msg and "resume=2" in msg and "resume_discard_later=true" in msg, msg
+    # the fix it names works: resume from step 2, discarding the damaged step, trains on to the end
+    r = train(_cfg(tiny, run, "resume=2", "resume_discard_later=true"))
+    assert r.step == 4 and _finished(run / "ckpt") == [2, 4]

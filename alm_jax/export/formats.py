@@ -6,8 +6,12 @@ that format (None = it can). `check_format` turns a refusal into an error that n
 from __future__ import annotations
 
 import importlib
+import shutil
+from pathlib import Path
 
 from alm_jax.errors import ConfigError
+
+STAGING = ".partial-export"   # inside --out: where an export is written before its files move into place
 
 FORMATS = {"llm": "alm_jax.export.llm", "peft": "alm_jax.export.peft",
            "qwen2-audio": "alm_jax.export.qwen2_audio", "bundle": "alm_jax.export.bundle"}
@@ -32,9 +36,28 @@ def check_format(run, fmt: str) -> None:
 
 
 def export(run, fmt: str, out, *, dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9, **options) -> list[str]:
-    """Writes `run` in format `fmt` into directory `out`; returns the files written. `options`: the format's own
-    keywords (bundle: copy_base)."""
+    """Writes `run` in format `fmt` into directory `out` (new or empty); returns the files written. `options`:
+    the format's own keywords (bundle: copy_base).
+
+    All-or-nothing: the files are written under `out/.partial-export/` and moved into `out` only when the
+    format has written all of them, so a killed export leaves no file `out` would be read with; rerunning the
+    same command clears the partial files and writes the export again."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {DTYPES}")
     check_format(run, fmt)
-    return module(fmt).export(run, out, dtype=dtype, max_shard_bytes=max_shard_bytes, **options)
+    out = Path(out)
+    present = sorted(p.name for p in out.iterdir() if p.name != STAGING) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new or empty directory")
+    if present:
+        raise ConfigError(f"--out {out} already holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}; "
+                          "give a new or empty directory (an export never mixes its files with others)")
+    staging = out / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)           # what a killed export left behind
+    staging.mkdir(parents=True)
+    files = module(fmt).export(run, staging, dtype=dtype, max_shard_bytes=max_shard_bytes, **options)
+    for entry in sorted(staging.iterdir()):
+        entry.replace(out / entry.name)
+    staging.rmdir()
+    return files
