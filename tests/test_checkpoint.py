@@ -286,3 +286,25 @@ def test_restore_onto_a_different_mesh(tmp_path):
     out = subprocess.run([sys.executable, "-c", CROSS_MESH_CHILD, str(tmp_path)], env=_child_env(8),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "CROSS_MESH_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_kill_9_during_an_async_save_keeps_the_previous_step_exact(tmp_path):
+    """Fault matrix: the process dies (os._exit, like kill -9) while step 2's async write is in flight: step 2
+    is never taken for finished, step 1 restores bit for bit."""
+    script = textwrap.dedent(f"""
+        import os, sys, numpy as np, jax.numpy as jnp
+        sys.path.insert(0, {str(REPO)!r})
+        from alm_jax.training.checkpoint import Checkpointer
+        ck = Checkpointer({str(tmp_path / "ck")!r}, async_save=True)
+        ck.save(1, {{"w": jnp.arange(1000, dtype=jnp.float32)}}, force=True)
+        ck.wait()
+        ck.save(2, {{"w": jnp.ones((16 * 2 ** 20,), jnp.float32)}}, force=True)   # 64 MB, still being written
+        os._exit(9)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr[-2000:]
+    with Checkpointer(tmp_path / "ck", read_only=True) as ck:
+        assert ck.latest_step() == 1
+        restored, _ = ck.restore(1, {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1000, dtype=np.float32))
