@@ -69,7 +69,7 @@ def test_a_killed_export_leaves_nothing_loadable_and_a_rerun_is_exact(ckpt, tmp_
     run = load_run(ckpt)
     export(run, fmt, tmp_path / "clean", max_shard_bytes=30_000)
     clean = _files(tmp_path / "clean")
-    for point in ("add", "close"):
+    for point in (("add",) if fmt == "llm" else ("close",)):   # mid tensor stream / after the weights
         out = tmp_path / point
         r = subprocess.run([sys.executable, "-c", SCRIPT, ckpt, str(out), fmt, point], env=env,
                            capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """The hybrid (multi-slice) mesh: `mesh.data/fsdp/tensor` inside a slice (ICI), `mesh.dcn_data` slices (DCN)
-along the data axis, slice-major; clear errors naming the numbers; and 2 slices x 4 devices train the tiny
-setup with the losses of 1 x 8."""
+along the data axis, slice-major; clear errors naming the numbers. (2 slices x 4 devices training the tiny
+setup with the losses of 1 x 8: tests/test_launch.py.)"""
 
 import dataclasses
 import json
@@ -10,7 +10,6 @@ import pytest
 
 from alm_jax.errors import ConfigError
 from alm_jax.sharding import MESH_AXES, hybrid_device_array, make_mesh
-from launch_helpers import single_process_losses
 from multidevice import run_with_devices
 
 
@@ -127,13 +126,5 @@ def test_single_slice_mesh_is_unchanged():
         make_mesh(2, 1, 1)
 
 
-@pytest.mark.slow
-@pytest.mark.multidevice
-def test_two_slices_of_4_devices_train_like_one_slice_of_8(tiny, tmp_path):
-    """mesh.dcn_data=2 mesh.data=4 (8 fake CPU devices in 2 slices) == mesh.data=8, step by step."""
-    one = single_process_losses(tiny, tmp_path / "1x8", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
-    two = single_process_losses(tiny, tmp_path / "2x4", "mesh.dcn_data=2", "mesh.data=4", "mesh.fsdp=1",
-                                "mesh.tensor=1")
-    assert sorted(one) == sorted(two) == [1, 2, 3]
-    for s in one:
-        assert two[s] == pytest.approx(one[s], abs=1e-5, rel=0), s
+# Training on 2 slices x 4 devices equals 1 x 8 step by step: tests/test_launch.py::
+# test_local_multihost_trains_like_one_process (each of the two processes is a slice: mesh.dcn_data=2, mesh.data=4).

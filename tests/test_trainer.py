@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues(tiny, tmp_pat
 @pytest.mark.multidevice
 def test_same_losses_on_every_mesh_shape(tiny, tmp_path):
     results = {}
-    for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]:
+    for mesh in [(8, 1, 1), (2, 2, 2), (1, 8, 1)]:   # data only, all three axes, fsdp only
         d, f, t = mesh
         r = run(tiny, tmp_path / f"mesh{d}{f}{t}", "none", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}",
                 "steps=5", devices=8)

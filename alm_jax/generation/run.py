@@ -120,7 +120,8 @@ def build_source(spec: str, n: int, options: dict[str, Any]):
 class Progress:
     """One line per finished shard (on a TTY, rewritten in place): shards, samples/s, tokens/s, ETA."""
 
-    def __init__(self, total_shards: int, done_shards: int, stream=sys.stderr):
+    def __init__(self, total_shards: int, done_shards: int, stream=None):
+        stream = stream if stream is not None else sys.stderr   # looked up now: sys.stderr may be replaced
         self.total, self.done, self.stream = total_shards, done_shards, stream
         self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
         self.tty = stream.isatty()
