@@ -28,6 +28,7 @@ from flax import nnx
 
 from alm_jax.config import ModelConfig, from_dict, to_dict
 from alm_jax.errors import CheckpointError, ConfigError
+from alm_jax.export.llm import copy_side_files
 from alm_jax.export.model_card import model_card
 from alm_jax.export.source import TrainedRun, host_array
 from alm_jax.export.writer import ShardedSafetensorsWriter
@@ -37,8 +38,6 @@ from alm_jax.weights.hf_import import open_safetensors
 
 FORMAT = "alm_jax.bundle"
 VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
 
 
 def unsupported(run: TrainedRun) -> str | None:
@@ -71,10 +70,7 @@ def export(run: TrainedRun, out: str | Path, *, dtype: str = "float32", max_shar
         files.append("base/")
     tok = out / "tokenizer"
     tok.mkdir(exist_ok=True)
-    for f in TOKENIZER_FILES:
-        if (Path(model_cfg.llm) / f).is_file():
-            shutil.copy(Path(model_cfg.llm) / f, tok / f)
-            files.append(f"tokenizer/{f}")
+    files += [f"tokenizer/{f}" for f in copy_side_files(model_cfg.llm, tok)]
     meta = {"format": FORMAT, "version": VERSION, "step": run.step, "dtype": dtype,
             "model": to_dict(dataclasses.replace(model_cfg, dtype=dtype)), "base": base,
             "base_copied": copy_base, "checkpoint": str(run.directory.resolve()), "run": run.stored_config}
@@ -122,16 +118,17 @@ def bundle_model_config(path: str | Path, meta: dict | None = None) -> ModelConf
     return dataclasses.replace(cfg, llm=where(meta["base"]["llm"], "LLM"), encoders=encoders)
 
 
-def _stored_tensors(path: Path) -> dict[str, tuple[Path, str]]:
+def _stored_tensors(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of the bundle that holds it."""
     index = path / "trainable.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: (path / f, k) for k, f in weight_map.items()}
+        return {k: path / f for k, f in weight_map.items()}
     single = path / "trainable.safetensors"
     if not single.is_file():
         raise CheckpointError(f"bundle {path} has no trainable.safetensors")
     with open_safetensors(single) as f:
-        return {k: (single, k) for k in f.keys()}
+        return {k: single for k in f.keys()}
 
 
 def import_bundle(path: str | Path, out: str | Path | None = None) -> tuple[AudioLanguageModel, int]:
@@ -164,13 +161,13 @@ def load_bundle(path: str | Path, *, mesh=None) -> tuple[ModelConfig, AudioLangu
     if missing or unexpected:
         raise CheckpointError(f"bundle {path} does not fit the model its config builds: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for name, var in target.items():
-        file, key = stored[name]
+    for file in sorted(set(stored.values())):          # each shard opened once
         with open_safetensors(file) as f:
-            value = f.get_tensor(key)
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"bundle {path}: {name} has shape {tuple(value.shape)}, the model wants "
-                                  f"{tuple(var.shape)}")
-        old = var[...]
-        var.set_value(jax.device_put(jnp.asarray(value, old.dtype), old.sharding))
+            for name in sorted(n for n, where in stored.items() if where == file):
+                var, value = target[name], f.get_tensor(name)
+                if tuple(value.shape) != tuple(var.shape):
+                    raise CheckpointError(f"bundle {path}: {name} has shape {tuple(value.shape)}, the model wants "
+                                          f"{tuple(var.shape)}")
+                old = var[...]
+                var.set_value(jax.device_put(jnp.asarray(value, old.dtype), old.sharding))
     return cfg, model, int(meta["step"])
