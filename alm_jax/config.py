@@ -65,6 +65,11 @@ class ModelConfig:
     connector: ConnectorConfig = ConnectorConfig()
     lora: LoRAConfig = LoRAConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True      # layer stacks (LLM, Whisper encoder, Q-Former) as one scanned, stacked block;
+                                  # false = unrolled Python loop (debugging; same numbers)
+    remat: Literal["none", "full", "save_dots"] = "none"   # rematerialization of each scanned block in training
+                                                            # (MaxText's names: full = recompute all, save_dots =
+                                                            # keep matmul outputs)
 
 
 @dataclasses.dataclass(frozen=True)
