@@ -100,6 +100,11 @@ def log_mel(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000,
     30 s window (the input is zero-padded or truncated to it, and the per-example max used for the
     dynamic-range floor is taken over that whole window, as the extractor does), or `samples // 160` with
     `pad_to_seconds=None` (trimmed input, no padding).
+
+    One program per platform (`lax.platform_dependent`, resolved when lowering): on CPU a loop over chunks of
+    frames (`_log10_mel_chunked`: every temporary stays cache-sized and two chunks run concurrently) and a
+    banded filterbank product (`_mel_bands`), elsewhere all frames at once (`_log10_mel_whole`) and one
+    filterbank matmul. Both give the same values (to float32 rounding of the sums).
     """
     if audio.ndim != 2:
         raise AudioError(f"log_mel expects audio [batch, samples], got shape {audio.shape}; "
@@ -114,17 +119,121 @@ def log_mel(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000,
     if n <= half:
         raise AudioError(f"audio of {n} samples is too short for log_mel: need more than {half} samples "
                          f"({half / sample_rate * 1000:.1f} ms at {sample_rate} Hz)")
-    frames = n // HOP_LENGTH  # 1 + n // hop centered frames, the last one dropped
-    padded = jnp.pad(audio, ((0, 0), (half, half)), mode="reflect")
-    idx = np.arange(frames)[:, None] * HOP_LENGTH + np.arange(N_FFT)[None, :]  # [frames, n_fft]
-    windowed = padded[:, idx] * _hann(N_FFT)                                     # [batch, frames, n_fft]
-    spec = jnp.fft.rfft(windowed, axis=-1)                                       # [batch, frames, bins]
+    bands = _mel_bands(n_mels, sample_rate, _CPU_MEL_BANDS)
+    chunk = _cpu_chunk_frames(audio.shape[0], n // HOP_LENGTH)
+    cpu = (functools.partial(_log10_mel_whole, bands=bands) if chunk is None
+           else functools.partial(_log10_mel_chunked, bands=bands, chunk=chunk))
+    whole = functools.partial(_log10_mel_whole, bands=_mel_bands(n_mels, sample_rate, 1))
+    logm, peak = jax.lax.platform_dependent(audio, cpu=cpu, default=whole)
+    return (jnp.maximum(logm, peak[:, None, None] - 8.0) + 4.0) / 4.0
+
+
+_BLOCKS = -(-N_FFT // HOP_LENGTH)      # hop-sized blocks one frame spans (3: 160 + 160 + 80 samples)
+_CPU_CHUNK_FRAMES = 2048               # frames (all rows together) per CPU chunk: ~3 MB of frames, in cache
+_CPU_MEL_BANDS = 2                     # filterbank blocks on CPU (halves the mel matmul; more blocks gain nothing)
+
+
+@functools.lru_cache(maxsize=None)
+def _mel_bands(n_mels: int, sample_rate: int, groups: int) -> tuple[tuple[int, int, np.ndarray], ...]:
+    """The transposed filterbank in `groups` blocks of consecutive mels, each cut to the FFT bins its filters
+    touch (a triangle covers a few bins, so the blocks skip most of the zeros of the dense matrix):
+    `((first_bin, end_bin, weights [mels in block, end_bin - first_bin] float32), ...)`."""
+    fb_t = mel_filterbank(n_mels, sample_rate).astype(np.float32).T                # [n_mels, bins]
+    bands = []
+    for mels in np.array_split(np.arange(n_mels), groups):
+        used = np.flatnonzero(fb_t[mels].any(axis=0))
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+        block = fb_t[mels, lo:hi]
+        block.setflags(write=False)
+        bands.append((lo, hi, block))
+    return tuple(bands)
+
+
+def _frames(blocks: jax.Array, count: int) -> jax.Array:
+    """Windowed frames from hop-sized blocks of the reflect-padded signal, without a gather.
+
+    blocks `[..., count + 2, hop]` -> `[..., count, n_fft]` float32: frame t is blocks t, t+1 and the first
+    n_fft - 2 * hop samples of block t+2 (hop 160, n_fft 400), times the Hann window."""
+    parts = [blocks[..., j:j + count, :min(HOP_LENGTH, N_FFT - j * HOP_LENGTH)] for j in range(_BLOCKS)]
+    return jnp.concatenate(parts, axis=-1) * _hann(N_FFT)
+
+
+def _log10_mel_frames(padded: jax.Array, count: int, bands) -> jax.Array:
+    """log10 of the clamped mel power of `count` frames, the filterbank given as `_mel_bands`.
+
+    padded `[batch, (count + 2) * hop]` (reflect-padded signal from the first frame's start) ->
+    `[batch, n_mels, count]` float32."""
+    blocks = padded.reshape(padded.shape[0], count + _BLOCKS - 1, HOP_LENGTH)
+    spec = jnp.fft.rfft(_frames(blocks, count), axis=-1)                         # [batch, count, bins]
     power = jnp.square(spec.real) + jnp.square(spec.imag)
-    fb = jnp.asarray(mel_filterbank(n_mels, sample_rate), jnp.float32)
-    mel = jnp.matmul(power, fb, precision=jax.lax.Precision.HIGHEST)             # [batch, frames, n_mels]
-    logm = jnp.log10(jnp.maximum(mel, 1e-10))
-    logm = jnp.maximum(logm, logm.max(axis=(1, 2), keepdims=True) - 8.0)
-    return jnp.swapaxes((logm + 4.0) / 4.0, 1, 2)
+    mel = jnp.concatenate([jnp.einsum("mk,bfk->bmf", w, power[..., lo:hi], precision=jax.lax.Precision.HIGHEST)
+                           for lo, hi, w in bands], axis=1)                      # [batch, n_mels, count]
+    return jnp.log10(jnp.maximum(mel, 1e-10))
+
+
+def _span(audio: jax.Array, first_frame: int, count: int) -> jax.Array:
+    """The reflect-padded signal under frames [first_frame, first_frame + count), padded on the fly.
+
+    audio `[batch, samples]` -> `[batch, (count + 2) * hop]`; padded sample p is audio sample p - n_fft/2,
+    reflected at both ends. Only the ends are padded, so nothing of batch size is copied twice."""
+    half, n = N_FFT // 2, audio.shape[1]
+    start, stop = first_frame * HOP_LENGTH - half, (first_frame + count + _BLOCKS - 1) * HOP_LENGTH - half
+    piece = audio[:, max(start, 0):min(stop, n)]
+    piece = jnp.pad(piece, ((0, 0), (max(-start, 0), half if stop > n else 0)), mode="reflect")
+    return piece[:, :stop - start]
+
+
+def _log10_mel_whole(audio: jax.Array, bands) -> tuple[jax.Array, jax.Array]:
+    """All frames in one batched program (accelerators; short inputs on CPU).
+
+    audio `[batch, samples]` -> (log10 mel `[batch, n_mels, samples // hop]`, per-row max `[batch]`)."""
+    frames = audio.shape[1] // HOP_LENGTH
+    logm = _log10_mel_frames(_span(audio, 0, frames), frames, bands)
+    return logm, logm.max(axis=(1, 2))
+
+
+def _cpu_chunk_frames(batch: int, frames: int) -> int | None:
+    """Frames per row in one CPU chunk: about `_CPU_CHUNK_FRAMES` frames over all rows, at most a quarter of
+    the row (at least head, tail and two middle chunks); None when rows are too short to chunk."""
+    chunk = max(16, min(_CPU_CHUNK_FRAMES // max(batch, 1), frames // 4))
+    return chunk if frames >= 4 * chunk else None
+
+
+def _log10_mel_chunked(audio: jax.Array, bands, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`_log10_mel_whole` as a loop over chunks of `chunk` frames of every row (CPU).
+
+    The first and last chunks pad the signal's ends; the chunks between read the audio directly (no padded
+    copy of the batch). Each loop step computes two chunks, which XLA's CPU runtime runs on two threads (its
+    FFT is single-threaded). The last middle chunk is clamped to end where the last chunk starts, so chunks
+    may overlap (a frame computed twice, written once). Same shapes and values as `_log10_mel_whole`."""
+    batch, n = audio.shape
+    frames = n // HOP_LENGTH
+    n_mels = sum(w.shape[0] for _, _, w in bands)
+    head = _log10_mel_frames(_span(audio, 0, chunk), chunk, bands)                  # [batch, n_mels, chunk]
+    tail = _log10_mel_frames(_span(audio, frames - chunk, chunk), chunk, bands)
+    middle = -(-(frames - 2 * chunk) // chunk)                                      # chunks between them
+    steps = -(-middle // 2)
+    width = (chunk + _BLOCKS - 1) * HOP_LENGTH
+    last = frames - 2 * chunk                                     # first frame of the last middle chunk
+
+    def middle_chunk(i):
+        first = jnp.minimum(chunk + i * chunk, last)
+        piece = jax.lax.dynamic_slice_in_dim(audio, first * HOP_LENGTH - N_FFT // 2, width, axis=1)
+        return first, _log10_mel_frames(piece, chunk, bands)
+
+    def step(k, carry):
+        out, peak = carry
+        pair = [middle_chunk(2 * k), middle_chunk(2 * k + 1)]     # independent: computed concurrently
+        for first, logm in pair:
+            out = jax.lax.dynamic_update_slice_in_dim(out, logm, first, axis=2)
+            peak = jnp.maximum(peak, logm.max(axis=(1, 2)))
+        return out, peak
+
+    out = jnp.zeros((batch, n_mels, frames), jnp.float32)
+    out = jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis=2)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tail, frames - chunk, axis=2)
+    peak = jnp.maximum(head.max(axis=(1, 2)), tail.max(axis=(1, 2)))
+    return jax.lax.fori_loop(0, steps, step, (out, peak))
 
 
 _LOG_FLOOR = np.log10(np.float32(1e-10))  # log10 of the clamp floor: a frame of exact zeros

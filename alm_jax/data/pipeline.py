@@ -162,19 +162,24 @@ class SampleBuilder:
             raise _kind("too_long", f"sample has {len(s)} tokens > seq_len + 1 = {self.seq_len + 1}")
         if s.loss_mask[1:].sum() == 0:
             raise _kind("no_target", "sample has no assistant tokens to learn")
-        T = self.seq_len
         n = len(s) - 1
-        pad = lambda x, v: np.concatenate([x, np.full((T - len(x),), v, x.dtype)])
         return {
-            "input_ids": pad(s.ids[:-1], self.tok.pad_id),
-            "targets": pad(s.ids[1:], self.tok.pad_id),
-            "loss_mask": pad(s.loss_mask[1:], 0.0),
-            "attention_mask": pad(np.ones((n,), np.int32), 0),
-            "audio_clip": pad(s.audio_clip[:-1], -1),
-            "audio_pos": pad(s.audio_pos[:-1], -1),
+            "input_ids": _padded(s.ids[:-1], self.seq_len, self.tok.pad_id),
+            "targets": _padded(s.ids[1:], self.seq_len, self.tok.pad_id),
+            "loss_mask": _padded(s.loss_mask[1:], self.seq_len, 0.0),
+            "attention_mask": _padded(np.ones((n,), np.int32), self.seq_len, 0),
+            "audio_clip": _padded(s.audio_clip[:-1], self.seq_len, -1),
+            "audio_pos": _padded(s.audio_pos[:-1], self.seq_len, -1),
             self.audio_key: audio,
             "audio_samples": n_valid,
         }
+
+
+def _padded(x: np.ndarray, length: int, value) -> np.ndarray:
+    """`x` `[n]` followed by `value` up to `[length]` (n <= length), in x's dtype."""
+    out = np.full((length,), value, x.dtype)
+    out[:len(x)] = x
+    return out
 
 
 def _kind(kind: str, msg: str) -> DataError:

@@ -19,6 +19,8 @@ import numpy as np
 from alm_jax.data.records import AUDIO_PLACEHOLDER
 from alm_jax.errors import DataError
 
+_PIECE_CACHE_SIZE = 4096   # rendered prompts / tokenized prompt pieces kept per ChatTokenizer (then it starts over)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedSample:
@@ -47,9 +49,25 @@ class ChatTokenizer:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_id
         self.placeholder_id = placeholder_id if placeholder_id is not None else self.pad_id
+        self._piece_cache: dict[str, np.ndarray] = {}
+        self._prompt_cache: dict[tuple, str] = {}
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _render_prompt(self, messages) -> str:
+        """`_render(messages, generation_prompt=True)`, through a bounded cache when every message is just a
+        role and a content string (system prompts and instructions repeat across samples)."""
+        if not all(len(m) == 2 and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                   for m in messages):
+            return self._render(messages, generation_prompt=True)
+        key = tuple((m["role"], m["content"]) for m in messages)
+        text = self._prompt_cache.get(key)
+        if text is None:
+            if len(self._prompt_cache) >= _PIECE_CACHE_SIZE:
+                self._prompt_cache.clear()
+            text = self._prompt_cache[key] = self._render(messages, generation_prompt=True)
+        return text
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added), straight from the fast tokenizer's backend
@@ -60,6 +78,20 @@ class ChatTokenizer:
         if backend is None:   # a slow (python) tokenizer
             return [self.tok.encode(t, add_special_tokens=False) for t in texts]
         return [backend.encode(t, add_special_tokens=False).ids for t in texts]
+
+    def _encode_prompt_pieces(self, texts: list[str]) -> list[np.ndarray]:
+        """`_encode_batch` of prompt pieces (the text between audio spans and answers) as int32 arrays,
+        through a bounded cache: system prompts, chat-template headers and instructions repeat across
+        samples. Pieces are tokenized alone either way, so a cached piece has the same ids."""
+        cache = self._piece_cache
+        found = {t: cache.get(t) for t in texts}
+        missing = [t for t, ids in found.items() if ids is None]
+        if missing:
+            if len(cache) + len(missing) > _PIECE_CACHE_SIZE:
+                cache.clear()
+            for t, ids in zip(missing, self._encode_batch(missing)):
+                found[t] = cache[t] = np.asarray(ids, np.int32)
+        return [found[t] for t in texts]
 
     def _split_text(self, text: str, clip_start: int, n_clips: int, segments: list) -> int:
         """Appends ("text", piece) / ("audio", clip) segments for `text`; returns clips consumed."""
@@ -79,7 +111,7 @@ class ChatTokenizer:
         """Tokenizes a conversation; loss on every assistant turn's content + its EOS.
 
         The conversation is rendered once per assistant turn (prompt, then prompt + answer), cut into
-        text / audio / answer segments, and all text is tokenized in one batched call."""
+        text / audio / answer segments, and each piece of text is tokenized alone (`_assemble`)."""
         segments: list[tuple[str, Any]] = []
         rendered_upto = ""
         clips = 0
@@ -90,7 +122,7 @@ class ChatTokenizer:
                 continue
             if AUDIO_PLACEHOLDER in msg["content"]:
                 raise DataError(f"assistant message {k} holds {AUDIO_PLACEHOLDER}; audio goes in user turns")
-            prompt = self._render(messages[:k], generation_prompt=True)
+            prompt = self._render_prompt(messages[:k])
             full = self._render(messages[:k + 1], generation_prompt=False)
             if not prompt.startswith(rendered_upto) or not full.startswith(prompt):
                 raise DataError("the chat template is not prefix-stable; cannot place the loss mask")
@@ -103,21 +135,36 @@ class ChatTokenizer:
         if clips != len(span_lengths):
             raise DataError(f"the messages hold {clips} {AUDIO_PLACEHOLDER} placeholder(s) but the sample has "
                             f"{len(span_lengths)} audio clip(s)")
-        texts = [v for kind, v in segments if kind != "audio"]
-        encoded = iter(self._encode_batch(texts))
-        out: list[tuple[int, int, int, int]] = []
+        return self._assemble(segments, span_lengths)
+
+    def _assemble(self, segments: list[tuple[str, Any]], span_lengths: Sequence[int]) -> TokenizedSample:
+        """Token arrays of ("text", str) / ("audio", clip) / ("answer", str) segments: each text or answer
+        is tokenized alone (text through the piece cache), an audio span is `span_lengths[clip]`
+        placeholders numbered 0.., and the loss covers each answer up to and with its EOS."""
+        prompts = iter(self._encode_prompt_pieces([v for kind, v in segments if kind == "text"]))
+        answers = iter(self._encode_batch([v for kind, v in segments if kind == "answer"]))
+        parts, clips, learned = [], [], []   # per segment: ids, clip index (-1: text), tokens learned (answers)
         for kind, v in segments:
             if kind == "audio":
-                out.extend((self.placeholder_id, 0, v, p) for p in range(span_lengths[v]))
-                continue
-            ids = next(encoded)
-            if kind == "text":
-                out.extend((t, 0, -1, -1) for t in ids)
-                continue
-            if self.eos_id not in ids:
-                raise DataError(f"an assistant turn does not end with the EOS token {self.tok.eos_token!r}")
-            end = ids.index(self.eos_id)
-            out.extend((t, 1 if i <= end else 0, -1, -1) for i, t in enumerate(ids))
-        arr = np.asarray(out, dtype=np.int64).reshape(-1, 4)
-        return TokenizedSample(ids=arr[:, 0].astype(np.int32), loss_mask=arr[:, 1].astype(np.float32),
-                               audio_clip=arr[:, 2].astype(np.int32), audio_pos=arr[:, 3].astype(np.int32))
+                parts.append(np.full((int(span_lengths[v]),), self.placeholder_id, np.int32))
+                clips.append(v)
+                learned.append(0)
+            elif kind == "text":
+                parts.append(next(prompts))
+                clips.append(-1)
+                learned.append(0)
+            else:
+                answer = next(answers)
+                if self.eos_id not in answer:
+                    raise DataError(f"an assistant turn does not end with the EOS token {self.tok.eos_token!r}")
+                parts.append(np.asarray(answer, np.int32))
+                clips.append(-1)
+                learned.append(answer.index(self.eos_id) + 1)
+        lengths = np.asarray([len(p) for p in parts], np.int64)
+        starts = np.cumsum(lengths) - lengths
+        ids = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+        audio_clip = np.repeat(np.asarray(clips, np.int32), lengths)
+        offset = np.arange(len(ids), dtype=np.int32) - np.repeat(starts, lengths).astype(np.int32)
+        audio_pos = np.where(audio_clip >= 0, offset, np.int32(-1))
+        loss_mask = (offset < np.repeat(np.asarray(learned, np.int32), lengths)).astype(np.float32)
+        return TokenizedSample(ids=ids, loss_mask=loss_mask, audio_clip=audio_clip, audio_pos=audio_pos)
