@@ -391,6 +391,17 @@ RESUME_FREE_KEYS = ("logging", "checkpoint", "eval", "mesh", "steps", "resume", 
                     "resume_allow_changes", "sync_every_step", "max_bad_steps", "divergence")
 
 
+# Model keys whose absence from a stored config (written before the key existed) means another value than
+# today's default: runs and bundles from before layer scanning hold unrolled (per-layer) parameters.
+LEGACY_MODEL_VALUES: dict[str, Any] = {"scan_layers": False}
+
+
+def with_legacy_model_values(model: dict) -> dict:
+    """A stored `model` config dict with `LEGACY_MODEL_VALUES` filled in where it lacks them (a copy), so it
+    rebuilds the parameter layout it was saved with."""
+    return {**LEGACY_MODEL_VALUES, **model}
+
+
 def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
     """`{"a": {"b": 1}, "l": [{"x": 2}]}` -> `{"a.b": 1, "l.0.x": 2}` (lists of scalars stay leaves)."""
     out: dict[str, Any] = {}
@@ -421,7 +432,10 @@ def _same(a, b) -> bool:
 
 def resume_config_changes(stored: dict, current: dict, defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
     """`{key: (checkpoint's value, current value)}` for every compared key (not under RESUME_FREE_KEYS) that
-    differs. A key the stored config lacks (written before the key existed) counts as its default."""
+    differs. A key the stored config lacks (written before the key existed) counts as its default, or as its
+    `LEGACY_MODEL_VALUES` entry."""
+    if isinstance(stored.get("model"), dict):
+        stored = {**stored, "model": with_legacy_model_values(stored["model"])}
     old, new = flatten_config(stored), flatten_config(current)
     base = flatten_config(defaults if defaults is not None else to_dict(TrainConfig()))
     changes = {}

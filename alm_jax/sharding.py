@@ -40,6 +40,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
+    # the leading axis of a scanned layer stack's parameters (`models/stack.py`): every device holds all layers
+    ("layers", None),
     # LLM parameters
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -65,6 +67,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("lora_rank", None),
 )
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
+ACTIVATION_AXES = ("batch", "length", "act_embed")   # a hidden-state tensor [batch, time, d]
 
 
 def _fill_sizes(sizes: list[int], n: int, what: str) -> list[int]:
@@ -245,3 +248,14 @@ def place_on_mesh(tree, mesh: Mesh):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
     return jax.tree.map(one, tree)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """`x` constrained to the sharding its logical `axes` map to under the ambient mesh (`jax.set_mesh`, which
+    the trainer and `alm compile` set around the train step); `x` unchanged when no mesh is set. Layer stacks
+    need it on their scan carries: XLA fixes a loop carry's sharding from its initial value, so a carry born
+    replicated (broadcast queries, a zeros buffer) would run the whole stack replicated over the batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))

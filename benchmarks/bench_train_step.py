@@ -16,6 +16,11 @@ eager attention, as DeSTA), `LlamaForCausalLM` with `inputs_embeds`, frozen part
 `torch.optim.AdamW` on the connector. The first step's losses are compared (same weights) to show the two
 compute the same thing.
 Prints a markdown table: one JAX row, one torch row per thread setting, the ratios and the command.
+
+`--compare-scan`: no torch; the same JAX step twice in one run, layer stacks (LLM, Whisper encoder, Q-Former)
+scanned and unrolled (`model.scan_layers`, with `--remat`), same weights and batch: per mode the compile
+time (trace + lower, then XLA compile), the steady-state step time (median of `--repeats`) and the load
+average when measured, then |loss diff| and |grad-norm diff| of the first step.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def torch_step_fn(whisper, connector, llm, batch):
 # ------------------------------------------------------------------------------------------- JAX side
 
 
-def build_jax(whisper, connector, llm, args, tmp):
+def build_jax(whisper, connector, llm, args, tmp, *, scan_layers: bool = True, remat: str = "none"):
     import jax.numpy as jnp
     from flax import nnx
 
@@ -141,13 +146,20 @@ def build_jax(whisper, connector, llm, args, tmp):
     enc_cfg = EncoderConfig(path=f"{tmp}/whisper", taps=(2, 4), tap_indexing="hf", pad_to_seconds=30.0)
     conn_cfg = ConnectorConfig(kind="desta", num_queries=args.queries, num_layers=2, num_heads=6, hidden=384,
                                intermediate=1536)
-    model = AudioLanguageModel([load_whisper_encoder(f"{tmp}/whisper")], load_llm(f"{tmp}/llm"), conn_cfg,
-                               [enc_cfg], dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    load_bert_qformer_weights(model.connector, connector.state_dict())
+    stack_kw = dict(scan_layers=scan_layers, remat=remat)
+    model = AudioLanguageModel([load_whisper_encoder(f"{tmp}/whisper", scan_layers=scan_layers)],
+                               load_llm(f"{tmp}/llm", **stack_kw), conn_cfg, [enc_cfg], dtype=jnp.float32,
+                               param_dtype=jnp.float32, rngs=nnx.Rngs(0), **stack_kw)
+    load_bert_qformer_weights(model.connector.net, connector.state_dict())
     return model
 
 
-def jax_step_fn(model, batch):
+def jax_step_fn(model, batch, metrics: dict | None = None):
+    """A callable running one training step (returns the loss, waiting for it). With `metrics`, the step is
+    compiled ahead here and `metrics` gets 'lower_s' (trace + lower), 'compile_s' (XLA) and, after calls,
+    'first' (the first step's metrics as floats)."""
+    import time
+
     import jax
 
     from alm_jax.config import OptimConfig
@@ -161,12 +173,71 @@ def jax_step_fn(model, batch):
     step_fn = build_train_step(graphdef, tx, alm_loss, schedule=make_schedule(ocfg))
     data = jax.device_put(batch)
     state = {"train": TrainState(trainable, opt_state), "i": 0}
+    if metrics is not None:
+        t0 = time.perf_counter()
+        lowered = step_fn.lower(state["train"], frozen, data, 0)
+        t1 = time.perf_counter()
+        step_fn = lowered.compile()
+        metrics.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
 
     def step():
         state["train"], m = step_fn(state["train"], frozen, data, state["i"])
         state["i"] += 1
+        if metrics is not None and "first" not in metrics:
+            metrics["first"] = {k: float(v) for k, v in m.items()}
         return float(m["loss"])          # waits for the step
     return step
+
+
+def compare_scan(args, argv) -> str:
+    """Scanned vs unrolled layer stacks: compile and step times, output differences (see the module doc). Both
+    steps stay compiled and their timed calls alternate, so a change of machine load hits both alike."""
+    import os
+
+    import jax
+
+    whisper, connector, llm = build_torch(args)
+    batch = make_batch(args.batch, args.text, args.queries, args.vocab)
+    modes = (True, False)
+    results, steps = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scan in modes:
+            model = build_jax(whisper, connector, llm, args, tmp, scan_layers=scan, remat=args.remat)
+            results[scan] = {"wall": [], "cpu": []}
+            steps[scan] = jax_step_fn(model, batch, results[scan])
+            del model
+            steps[scan]()                                   # the first step (compared below) and a warm-up
+            steps[scan]()
+    for _ in range(args.repeats):
+        for scan in modes:
+            w0, c0 = time.perf_counter(), time.process_time()
+            steps[scan]()
+            results[scan]["wall"].append(time.perf_counter() - w0)
+            results[scan]["cpu"].append(time.process_time() - c0)
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    s, u = results[True], results[False]
+    dev = jax.devices()[0]
+    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_train_step.py",
+                                            *(sys.argv[1:] if argv is None else argv)])
+    total = {k: v["lower_s"] + v["compile_s"] for k, v in results.items()}
+    step = {k: float(np.median(v["wall"])) for k, v in results.items()}
+    lines = [f"Train step, scanned vs unrolled layer stacks (Llama {args.llm_layers}x576 vocab {args.vocab}, Whisper "
+             f"4x384, Q-Former 2x384; remat {args.remat}), batch {args.batch} x {args.text} tokens + 30 s audio, "
+             f"float32, {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores, load average {load}. First step: "
+             f"|loss diff| {abs(s['first']['loss'] - u['first']['loss']):.2e}, |grad-norm diff| "
+             f"{abs(s['first']['grad_norm'] - u['first']['grad_norm']):.2e}. Steps interleaved, medians of "
+             f"{args.repeats}. Command: `{cmd}`", "",
+             "| layer stacks | trace + lower | XLA compile | compile total | step wall (CPU) |",
+             "|---|---|---|---|---|"]
+    for scan in modes:
+        m = results[scan]
+        lines.append(f"| {'scanned' if scan else 'unrolled'} | {m['lower_s']:.1f} s | {m['compile_s']:.1f} s | "
+                     f"{total[scan]:.1f} s | {step[scan] * 1e3:.0f} ms ({float(np.median(m['cpu'])) * 1e3:.0f} ms) |")
+    lines.append(f"| unrolled / scanned | | | **{total[False] / total[True]:.1f}x** | "
+                 f"{step[False] / step[True]:.2f}x |")
+    out = "\n".join(lines)
+    print(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -179,7 +250,13 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch-threads", default="default,1",
                     help="comma-separated torch thread settings to time ('default' = torch's own choice)")
+    ap.add_argument("--compare-scan", action="store_true",
+                    help="time the JAX step with scanned and with unrolled layer stacks instead (no torch)")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "save_dots"),
+                    help="per-block rematerialization of the layer stacks (model.remat)")
     args = ap.parse_args(argv)
+    if args.compare_scan:
+        return compare_scan(args, argv)
 
     import jax
     import torch
@@ -187,7 +264,7 @@ def main(argv: list[str] | None = None) -> str:
     whisper, connector, llm = build_torch(args)
     batch = make_batch(args.batch, args.text, args.queries, args.vocab)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_jax(whisper, connector, llm, args, tmp)
+        model = build_jax(whisper, connector, llm, args, tmp, remat=args.remat)
     jax_step = jax_step_fn(model, batch)
     del model
     t0 = time.perf_counter()

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from alm_jax.audio.features import log_mel
 from alm_jax.config import ConnectorConfig, EncoderConfig, OptimConfig
 from alm_jax.models.alm import AudioLanguageModel, split_trainable
 from alm_jax.models.llm import DecoderLM, LLMConfig
+from alm_jax.models.stack import stack_of, stacks, unstack
 from alm_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from alm_jax.training.step import TrainState, build_train_step, make_optimizer, masked_cross_entropy
 
@@ -17,17 +19,17 @@ SR = 16000
 VOCAB = 64
 
 
-def tiny_llm(seed=0):
+def tiny_llm(seed=0, **stack_kw):
     cfg = LLMConfig.from_hf({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                              "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "tie_word_embeddings": False})
-    return DecoderLM(cfg, rngs=nnx.Rngs(seed))
+    return DecoderLM(cfg, rngs=nnx.Rngs(seed), **stack_kw)
 
 
-def tiny_encoder(d=32, seed=1):
+def tiny_encoder(d=32, seed=1, scan_layers=True):
     cfg = WhisperEncoderConfig(num_mel_bins=80, d_model=d, encoder_layers=2, encoder_attention_heads=4,
                                encoder_ffn_dim=2 * d, max_source_positions=100)
-    enc = WhisperEncoder(cfg, rngs=nnx.Rngs(seed))
+    enc = WhisperEncoder(cfg, rngs=nnx.Rngs(seed), scan_layers=scan_layers)
     # A random encoder's output is dominated by its sinusoidal positions; damp them so that, like a
     # pretrained encoder, its features tell different sounds apart.
     enc.embed_positions[...] = 0.0 * enc.embed_positions[...]
@@ -43,13 +45,15 @@ CONNECTORS = {
 }
 
 
-def make_model(kind, seed=0):
+def make_model(kind, seed=0, scan_layers=True, remat="none"):
     n_enc = 2 if kind in ("alarm_ca", "alarm_p") else 1
-    encs = [tiny_encoder(d=32 if i == 0 else 48, seed=1 + i) for i in range(n_enc)]
+    encs = [tiny_encoder(d=32 if i == 0 else 48, seed=1 + i, scan_layers=scan_layers) for i in range(n_enc)]
     tap_idx = "blocks" if kind == "desta" else "hf"
     ecfgs = [EncoderConfig(taps=(0, -1) if tap_idx == "blocks" else (1, 2), tap_indexing=tap_idx, pad_to_seconds=None)
              for _ in encs]
-    return AudioLanguageModel(encs, tiny_llm(seed), CONNECTORS[kind], ecfgs, rngs=nnx.Rngs(seed + 10))
+    stack_kw = dict(scan_layers=scan_layers, remat=remat)
+    return AudioLanguageModel(encs, tiny_llm(seed, **stack_kw), CONNECTORS[kind], ecfgs, rngs=nnx.Rngs(seed + 10),
+                              **stack_kw)
 
 
 def make_batch(model, waves, texts, seq_len=32):
@@ -184,6 +188,43 @@ def test_one_step_changes_only_connector_and_frozen_have_no_optimizer_state():
     assert len(moments) == 2 * len(before_train)   # adam mu + nu for trainable leaves only
 
 
+def _per_layer(model, tree) -> dict[str, np.ndarray]:
+    """The leaves of `tree` (a state of `model`) by per-layer name (scanned stacks unstacked), as numpy."""
+    found = stacks(model)
+    return {".".join(map(str, p)): np.asarray(v) for path, var in nnx.to_flat_state(tree)
+            for p, v in unstack(tuple(path), var[...], found)}
+
+
+def test_scanned_stacks_give_the_unrolled_loss_and_gradients():
+    """LLM, Whisper encoder and Q-Former scanned (and rematerialized: remat="full") or unrolled, with the same
+    weights: the same loss and connector gradients from a train step's value_and_grad."""
+    unrolled = make_model("desta", scan_layers=False)
+    scanned = make_model("desta", scan_layers=True, remat="full")
+    assert scanned.llm.layers.mlp.up_proj.kernel.shape[0] == 2                 # stacked [layers, ...]
+    assert scanned.connector.net.qformer.layer.out_norm.scale.ndim == 2
+    weights = _per_layer(unrolled, nnx.state(unrolled, nnx.Param))
+    found = stacks(scanned)
+    for path, var in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):      # copy the unrolled weights in
+        names = [".".join(map(str, p)) for p, _ in unstack(tuple(path), var[...], found)]
+        var.set_value(np.stack([weights[n] for n in names]) if stack_of(tuple(path), found) else weights[names[0]])
+    batch = make_batch(unrolled, clips(2), [[10, 11, 12]] * 2)
+
+    def loss_and_grads(model):
+        graphdef, trainable, frozen = split_trainable(model)
+
+        def f(t):
+            s, n, _ = loss_fn(nnx.merge(graphdef, t, frozen), batch)
+            return s / n
+        loss, grads = jax.jit(jax.value_and_grad(f))(trainable)
+        return float(loss), _per_layer(model, grads)
+
+    (want_loss, want), (loss, got) = loss_and_grads(unrolled), loss_and_grads(scanned)
+    assert abs(loss - want_loss) <= 1e-5 and got.keys() == want.keys()
+    assert "connector.net.qformer.layer.0.intermediate.kernel" in got
+    for name, g in got.items():
+        assert np.abs(g - want[name]).max() <= 1e-5 * max(1.0, np.abs(want[name]).max()), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CONNECTORS))
 def test_tiny_alm_overfits_a_batch(kind):
@@ -240,3 +281,21 @@ def test_generate_with_cache_equals_full_recomputation():
                "audio_clip": jnp.concatenate([cur["audio_clip"], -jnp.ones((2, 1), jnp.int32)], 1),
                "audio_pos": jnp.concatenate([cur["audio_pos"], -jnp.ones((2, 1), jnp.int32)], 1),
                "attention_mask": jnp.concatenate([cur["attention_mask"], jnp.ones((2, 1), jnp.int32)], 1)}
+
+
+def test_encoder_runs_only_the_blocks_its_taps_read():
+    """A tap list that stops early: the Whisper blocks past the deepest tapped one do not run (their entries are
+    None), for "blocks" and for "hf" indexing (hf entry t is block t - 1; entry 0 the embeddings)."""
+    waves = jnp.asarray(np.stack(clips(2)))
+    enc = tiny_encoder()
+    for taps, indexing, blocks in (((0,), "blocks", (0,)), ((0, 1), "hf", (0,))):
+        model = AudioLanguageModel([enc], tiny_llm(), CONNECTORS["alarm"],
+                                   [EncoderConfig(taps=taps, tap_indexing=indexing, pad_to_seconds=None)],
+                                   rngs=nnx.Rngs(1))
+        assert model.tapped_blocks(0) == blocks
+        states = model.encoder_states(0, waves)
+        assert len(states) == (2 if indexing == "blocks" else 3) and states[-1] is None
+        full = enc(log_mel(waves, n_mels=80, pad_to_seconds=None))
+        want = full.block_outputs if indexing == "blocks" else full.hidden_states
+        for t in taps:
+            np.testing.assert_allclose(np.asarray(states[t]), np.asarray(want[t]), atol=1e-6)

@@ -15,11 +15,12 @@ from test_alm import clips, loss_fn, make_batch, make_model
 def test_one_step_with_lora_changes_connector_and_lora_only():
     model = make_model("alarm")
     wrapped = apply_lora(model.llm, rank=4, alpha=8.0, target_regex=r"attn/(q_proj|v_proj)", rngs=nnx.Rngs(3))
-    assert len(wrapped) == 2 * model.llm.cfg.num_layers
+    assert len(wrapped) == 2 * model.llm.cfg.num_layers         # per layer, though the layers are scanned
     graphdef, trainable, frozen = split_trainable(model)
     paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
     lora = [p for p in paths if "lora_" in p]
-    assert len(lora) == 2 * len(wrapped)
+    assert sorted(lora) == ["llm.layers.self_attn.q_proj.lora_a", "llm.layers.self_attn.q_proj.lora_b",
+                            "llm.layers.self_attn.v_proj.lora_a", "llm.layers.self_attn.v_proj.lora_b"]
     assert all(p.startswith("connector.") or "lora_" in p for p in paths)
     tx = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0))
     opt = tx.init(trainable)

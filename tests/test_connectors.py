@@ -66,9 +66,11 @@ def _run(model, *args):
 # --------------------------------------------------------------------------------------------------
 # DeSTA Q-Former
 
-def test_qformer_stack_matches_hf_bert_encoder_eager():
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_qformer_stack_matches_hf_bert_encoder_eager(scan):
     ref = _bert("eager")
-    ours = QFormerStack(QCFG, rngs=nnx.Rngs(0))
+    ours = QFormerStack(QCFG, rngs=nnx.Rngs(0), scan_layers=scan)
+    assert (ours.layer.intermediate.kernel.shape == (2, 32, 64)) if scan else len(ours.layer) == 2
     load_bert_qformer_weights(ours, ref.state_dict())
     q = np.random.default_rng(0).normal(size=(2, 4, 32)).astype(np.float32)
     enc = np.random.default_rng(1).normal(size=(2, 11, 32)).astype(np.float32)

@@ -22,7 +22,7 @@ from alm_jax.export import formats
 from alm_jax.export.llm import write_llm
 from alm_jax.export.peft import write_adapter
 from alm_jax.models.llm import generate_greedy
-from alm_jax.models.lora import apply_lora, lora_layers
+from alm_jax.models.lora import apply_lora, lora_layers, lora_per_layer
 from alm_jax.weights.hf_import import iter_tensors
 from alm_jax.weights.llm_params import load_llm
 from hf_tiny_llm import jit_forward, left_padded_batch, save, tiny_hf_llm, torch_logits
@@ -116,7 +116,7 @@ def test_llm_export_matches_our_logits_and_greedy(run, llm_dir, batch):
     np.testing.assert_array_equal(exported[k_key], original[k_key])   # no LoRA on k_proj
     assert "lm_head.weight" not in exported                           # tied
     # the run's model was not merged in place
-    np.testing.assert_array_equal(np.asarray(run.model.llm.layers[0].self_attn.q_proj.base.kernel[...]),
+    np.testing.assert_array_equal(np.asarray(run.model.llm.layers.self_attn.q_proj.base.kernel[...][0]),
                                   original[Q_KEY].T)
     # greedy: ours (KV cache) vs transformers generate, eos = pad = 2 as the SmolLM2 generation config says
     eos = 2
@@ -228,3 +228,39 @@ def test_untied_qwen2_with_biases(tmp_path):
     diff = _masked_max_diff(torch_logits(model, ids, mask, position_ids), theirs, mask)
     print(f"peft adapter (untied qwen2) vs merged export logits max |diff| = {diff:.2e}")
     assert diff <= TOL
+
+
+def test_scanned_and_unrolled_export_the_same_tensors(tmp_path):
+    """The stacked (scanned) LLM exports layer by layer under the unrolled model's HF keys, the same tensors:
+    merged LLM and PEFT adapter, with LoRA on one layer of a stacked Linear (its mask) and on every layer."""
+    base_dir = save(tiny_hf_llm("qwen2", tied=False, seed=4), tmp_path / "base")
+    rng = np.random.default_rng(2)
+    factors = {name: (rng.standard_normal((2, d_in, 4)), rng.standard_normal((2, 4, 64)))
+               for name, d_in in (("down_proj", 96), ("q_proj", 64))}
+    written = {}
+    for scan in (True, False):
+        llm = load_llm(base_dir, scan_layers=scan)
+        apply_lora(llm, rank=4, alpha=6.0, target_regex=r"layers/1/mlp/down_proj|q_proj", rngs=nnx.Rngs(1))
+        for one in lora_per_layer(llm):           # the same factors in both forms
+            a, b = factors[one.path.rsplit("/", 1)[1]]
+            i = int(one.path.split("/")[1])
+            if one.layer is None:
+                one.wrapper.lora_a.set_value(jnp.asarray(a[i], jnp.float32))
+                one.wrapper.lora_b.set_value(jnp.asarray(b[i], jnp.float32))
+            else:
+                one.wrapper.lora_a.set_value(jnp.asarray(a, jnp.float32))
+                one.wrapper.lora_b.set_value(jnp.asarray(b, jnp.float32))
+        out = tmp_path / ("scanned" if scan else "unrolled")
+        write_llm(llm, base_dir, out / "llm", dtype="float32", max_shard_bytes=10 ** 9)
+        write_adapter(llm, base_dir, out / "adapter", dtype="float32")
+        written[scan] = (load_file(out / "llm" / "model.safetensors"),
+                         load_file(out / "adapter" / "adapter_model.safetensors"),
+                         json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"])
+    (llm_s, peft_s, targets_s), (llm_u, peft_u, targets_u) = written[True], written[False]
+    assert llm_s.keys() == llm_u.keys() == set(load_file(f"{base_dir}/model.safetensors"))
+    assert peft_s.keys() == peft_u.keys() and len(peft_s) == 2 * (2 + 1)       # q_proj x 2 layers + one down_proj
+    assert targets_s == targets_u == ["model.layers.1.mlp.down_proj", "q_proj"]
+    for name in llm_s:
+        np.testing.assert_allclose(llm_s[name], llm_u[name], rtol=0, atol=1e-6, err_msg=name)
+    for name in peft_s:
+        np.testing.assert_array_equal(peft_s[name], peft_u[name], err_msg=name)

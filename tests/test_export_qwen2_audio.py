@@ -23,7 +23,7 @@ from alm_jax.errors import ConfigError
 from alm_jax.models.alm import AudioLanguageModel, split_trainable
 from alm_jax.models.connectors import CONNECTORS, EncoderInfo, connector_token_rule
 from alm_jax.models.connectors.qwen2_audio import PooledTokenRule, Qwen2AudioConnector
-from alm_jax.models.lora import lora_layers
+from alm_jax.models.lora import lora_layers, lora_per_layer
 
 SR = 16000
 WINDOW = 30 * SR
@@ -192,7 +192,7 @@ def exported(tmp_path_factory, demo_models):
     cfg = _config(llm_dir, wh_dir, root / "run", "model.lora.rank=2", "model.lora.alpha=4")
     _save_run(cfg)
     run = load_run(cfg.checkpoint.dir)
-    assert len(lora_layers(run.model.llm)) == 4
+    assert len(lora_per_layer(run.model.llm)) == 4      # q/v x 2 layers (two stacked wrappers)
     out = root / "export"
     files = formats.export(run, "qwen2-audio", out)
     return run, out, files

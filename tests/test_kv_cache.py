@@ -15,10 +15,11 @@ from hf_tiny_llm import jit_forward, left_padded_batch, save, tiny_hf_llm
 NEW = 16
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=[("llama", True), ("qwen3", False)], ids=["llama-scanned", "qwen3-unrolled"])
 def models(request, tmp_path_factory):
-    hf = tiny_hf_llm(request.param, tied=request.param == "llama", seed=5)
-    return hf, load_llm(save(hf, tmp_path_factory.mktemp(request.param)))
+    family, scan = request.param
+    hf = tiny_hf_llm(family, tied=family == "llama", seed=5)
+    return hf, load_llm(save(hf, tmp_path_factory.mktemp(family)), scan_layers=scan)
 
 
 def test_greedy_equals_full_recompute_and_transformers(models):
@@ -74,3 +75,22 @@ def test_eos_stops_and_fills(models):
     assert (stopped[0, first:] == eos).all()
     row1_stop = np.argmax(free[1] == eos) if (free[1] == eos).any() else NEW
     np.testing.assert_array_equal(stopped[1, :row1_stop], free[1, :row1_stop])
+
+
+def test_scanned_and_unrolled_decode_alike(tmp_path):
+    """Same weights, both layer-stack forms: the same stacked cache contents and the same greedy tokens."""
+    path = save(tiny_hf_llm("qwen3", seed=9), tmp_path)
+    ids, mask, _, _ = left_padded_batch(np.random.default_rng(9), [6, 4])
+    caches, tokens = [], []
+    for scan in (True, False):
+        model = load_llm(path, scan_layers=scan)
+        graphdef, state = nnx.split(model)
+        prefill = jax.jit(lambda st, i, m, c: nnx.merge(graphdef, st)(i, attention_mask=m, cache=c))
+        _, cache = prefill(state, ids, mask, model.init_cache(2, 10))
+        assert cache.keys.shape == (2, 2, 10, 2, 24)      # [layers, batch, max_len, kv_heads, head_dim]
+        caches.append(cache)
+        tokens.append(np.asarray(generate_greedy(model, ids, mask, max_new_tokens=6)))
+    for a, b in ((caches[0].keys, caches[1].keys), (caches[0].values, caches[1].values)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+        assert np.abs(np.asarray(a)[:, :, 6:]).max() == 0     # slots past the prompt are still empty
+    np.testing.assert_array_equal(tokens[0], tokens[1])

@@ -4,13 +4,15 @@ segment-id (packing) equivalences."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from alm_jax.errors import WeightImportError
+from alm_jax.errors import ConfigError, WeightImportError
 from alm_jax.models.llm import DecoderLM, LLMConfig
+from alm_jax.models.stack import REMAT_POLICIES
 from alm_jax.weights.llm_params import load_llm
 from hf_tiny_llm import jit_forward, left_padded_batch, save, tiny_hf_llm, torch_logits
 
@@ -30,11 +32,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(case, tmp_path):
+UNROLLED = ("llama_biases", "qwen3_tied")   # every case runs scanned (the default); these also unrolled
+
+
+@pytest.mark.parametrize("case,scan", [(c, True) for c in sorted(CASES)] + [(c, False) for c in UNROLLED],
+                         ids=lambda x: x if isinstance(x, str) else ("scanned" if x else "unrolled"))
+def test_logits_match_transformers(case, scan, tmp_path):
     family, tied, overrides = CASES[case]
     hf = tiny_hf_llm(family, tied=tied, **overrides)
-    model = load_llm(save(hf, tmp_path))
+    model = load_llm(save(hf, tmp_path), scan_layers=scan)
+    assert isinstance(model.layers, nnx.List) != scan
     assert (model.lm_head is None) == tied
     forward = jit_forward(model)
     ids, mask, position_ids, rows = left_padded_batch(np.random.default_rng(1), [30, 23, 30])
@@ -109,10 +116,14 @@ def test_config_from_hf_variants():
         LLMConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64})
 
 
+def _axes(model) -> dict:
+    return {".".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
 def test_param_axes_and_dtypes():
     cfg = LLMConfig(model_type="qwen3", qk_norm=True, qkv_bias=True)
-    model = DecoderLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    axes = {".".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(nnx.state(model))}
+    model = DecoderLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), scan_layers=False)
+    axes = _axes(model)
     assert axes["embed_tokens.embedding"] == ("vocab", "embed")
     assert axes["layers.0.self_attn.q_proj.kernel"] == ("embed", "heads")
     assert axes["layers.0.self_attn.k_proj.bias"] == ("kv_heads",)
@@ -121,3 +132,37 @@ def test_param_axes_and_dtypes():
     assert axes["layers.1.mlp.down_proj.kernel"] == ("mlp", "embed")
     assert axes["lm_head.kernel"] == ("embed", "vocab")
     assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16  # logits dtype: test_weight_import
+    # scanned: one stacked block, every layer parameter with the leading "layers" axis, nothing per index
+    scanned = DecoderLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    stacked = _axes(scanned)
+    assert stacked["layers.self_attn.q_proj.kernel"] == ("layers", "embed", "heads")
+    assert stacked["layers.self_attn.q_norm.scale"] == ("layers", "norm")
+    assert stacked["embed_tokens.embedding"] == ("vocab", "embed")
+    assert scanned.layers.mlp.down_proj.kernel.shape == (cfg.num_layers, cfg.intermediate_size, cfg.hidden_size)
+    assert {k for k in stacked if k.startswith("layers.")} == {
+        "layers." + k.split(".", 2)[2] for k in axes if k.startswith("layers.")}
+    assert all(a[0] == "layers" for k, a in stacked.items() if k.startswith("layers."))
+
+
+def _eqns(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_remat_checkpoints_each_block_with_its_policy(scan):
+    """model.remat reaches the blocks: one jax.checkpoint per traced block (the scan body once, or each
+    unrolled layer) with the configured policy, none for "none"."""
+    for remat, policy in REMAT_POLICIES.items():
+        model = DecoderLM(LLMConfig(num_layers=2), rngs=nnx.Rngs(0), scan_layers=scan, remat=remat)
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda e: nnx.merge(graphdef, state)(inputs_embeds=e).sum())(jnp.ones((1, 3, 64)))
+        found = [e.params["policy"] for e in _eqns(jaxpr) if e.primitive.name in ("checkpoint", "remat2")]
+        assert found == ([] if policy is None else [policy] * (1 if scan else 2)), remat
+    with pytest.raises(ConfigError, match="remat='some'"):
+        DecoderLM(LLMConfig(), rngs=nnx.Rngs(0), remat="some")

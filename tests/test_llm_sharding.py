@@ -7,7 +7,7 @@ from hf_tiny_llm import save, tiny_hf_llm
 from multidevice import run_with_devices
 
 SCRIPT = r"""
-# argv: OUT.npz NAME PATH [NAME PATH ...]
+# argv: OUT.npz NAME PATH SCAN [NAME PATH SCAN ...]
 import sys
 import jax, numpy as np
 from flax import nnx
@@ -28,11 +28,12 @@ def forward(model, ids, mask):
     return fn(state, ids, mask).block_until_ready()
 
 out = {}
-for name, path in zip(sys.argv[2::2], sys.argv[3::2]):
-    single = load_llm(path)
-    sharded = load_llm(path, mesh=mesh)
+for name, path, scan in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
+    scan = scan == "scanned"
+    single = load_llm(path, scan_layers=scan)
+    sharded = load_llm(path, mesh=mesh, scan_layers=scan)
     spec = sharded.embed_tokens.embedding[...].sharding.spec
-    q_spec = sharded.layers[0].self_attn.q_proj.kernel[...].sharding.spec
+    q_spec = (sharded.layers if scan else sharded.layers[0]).self_attn.q_proj.kernel[...].sharding.spec
     out[name + "_specs"] = np.array([str(tuple(spec)), str(tuple(q_spec))])
     out[name + "_single"] = np.asarray(forward(single, ids, mask))
     batch = jax.device_put(ids, batch_sharding(mesh, 2)), jax.device_put(mask, batch_sharding(mesh, 2))
@@ -46,14 +47,16 @@ np.savez(sys.argv[1], **out)
 
 
 def test_sharded_logits_equal_single_device(tmp_path):
-    paths = {"llama": save(tiny_hf_llm("llama"), tmp_path / "llama"),
-             "qwen3": save(tiny_hf_llm("qwen3", tied=True), tmp_path / "qwen3")}
+    """Llama with scanned layers (stacked parameters, the "layers" axis replicated), Qwen3 unrolled."""
+    paths = {"llama": (save(tiny_hf_llm("llama"), tmp_path / "llama"), "scanned"),
+             "qwen3": (save(tiny_hf_llm("qwen3", tied=True), tmp_path / "qwen3"), "unrolled")}
     out_file = tmp_path / "out.npz"
-    run_with_devices(SCRIPT, str(out_file), *[x for kv in paths.items() for x in kv])
+    run_with_devices(SCRIPT, str(out_file), *[x for name, (path, mode) in paths.items() for x in (name, path, mode)])
     out = np.load(out_file)
-    for name in paths:
+    q_specs = {"scanned": "(None, 'fsdp', 'tensor')", "unrolled": "('fsdp', 'tensor')"}
+    for name, (_, mode) in paths.items():
         embed_spec, q_spec = out[name + "_specs"]
-        assert (embed_spec, q_spec) == ("('tensor', 'fsdp')", "('fsdp', 'tensor')")
+        assert (embed_spec, q_spec) == ("('tensor', 'fsdp')", q_specs[mode])
         assert int(out[name + "_logits_devices"]) == 8
         assert np.abs(out[name + "_sharded"] - out[name + "_single"]).max() <= 1e-5
         np.testing.assert_array_equal(out[name + "_tokens_sharded"], out[name + "_tokens_single"])

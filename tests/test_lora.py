@@ -11,7 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from alm_jax.errors import ConfigError
 from alm_jax.models.layers import Linear
-from alm_jax.models.lora import LoRALinear, apply_lora, lora_layers, merge_lora, unmerge_lora
+from alm_jax.models.lora import (LoRALinear, apply_lora, linear_module_paths, lora_layers, lora_per_layer, merge_lora,
+                                 unmerge_lora)
+from alm_jax.models.stack import make_stack, run_stack, stacks, unstack
 from alm_jax.sharding import make_mesh, state_shardings
 
 
@@ -158,3 +160,76 @@ def test_dropout_applies_to_the_lora_branch_only_in_training():
     head = model.head
     base_only = head.base(model.layers[1](model.layers[0](X)))
     assert float(jnp.max(jnp.abs(c - base_only))) > 1e-4  # eval keeps the LoRA branch, without dropout
+
+
+# ---- scanned layer stacks (models/stack.py): stacked factors, per-layer regex, a mask for partial picks
+
+class _StackModel(nnx.Module):
+    """Three `_Block`s as a layer stack, scanned or unrolled, and a head."""
+
+    def __init__(self, rngs, scan: bool):
+        self.layers = make_stack(lambda r: _Block(8, r), 3, scan=scan, rngs=rngs)
+        self.head = Linear(8, 5, axes=("embed", "vocab"), rngs=rngs)
+
+    def __call__(self, x):
+        x, _ = run_stack(self.layers, lambda block, h, _: (block(h), None), x)
+        return self.head(x)
+
+
+def _unrolled_copy(scanned: _StackModel) -> _StackModel:
+    """An unrolled model with the scanned one's weights (and LoRA factors of the adapted layers)."""
+    model = _StackModel(nnx.Rngs(5), scan=False)
+    target = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    found = stacks(scanned)
+    for path, var in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):
+        for one_path, value in unstack(tuple(path), var[...], found):
+            one_path = tuple(p for p in one_path if p != "base")   # the unrolled copy is not wrapped yet
+            if one_path in target:
+                target[one_path].set_value(value)
+    return model
+
+
+TARGET = r"layers/(0|2)/attn/value|up$"   # value: layers 0 and 2 of 3; up: every layer
+
+
+def test_scanned_stack_lora_is_stacked_masked_and_equals_unrolled():
+    scanned = _StackModel(nnx.Rngs(0), scan=True)
+    wrapped = apply_lora(scanned, rank=2, alpha=4.0, target_regex=TARGET, rngs=nnx.Rngs(1))
+    assert wrapped == ["layers/0/attn/value", "layers/0/up", "layers/1/up", "layers/2/attn/value", "layers/2/up"]
+    value, up = scanned.layers.attn.value, scanned.layers.up
+    assert value.lora_a.shape == (3, 8, 2) and value.lora_b.shape == (3, 2, 8)
+    assert value.lora_a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+    assert up.lora_b.get_metadata()["out_sharding"] == ("layers", "lora_rank", "mlp")
+    np.testing.assert_array_equal(np.asarray(value.layer_mask[...]), [1, 0, 1])
+    assert up.layer_mask is None                     # every layer adapted: no mask
+    assert [x.path for x in lora_per_layer(scanned)] == wrapped
+    assert len({float(jnp.std(value.lora_a[...][i])) for i in range(3)}) == 3   # each layer its own draw
+    _randomize_b(scanned)
+
+    unrolled = _unrolled_copy(scanned)
+    assert apply_lora(unrolled, rank=2, alpha=4.0, target_regex=TARGET, rngs=nnx.Rngs(1)) == wrapped
+    assert linear_module_paths(unrolled) == linear_module_paths(scanned)
+    for one in lora_per_layer(unrolled):
+        i = int(one.path.split("/")[1])
+        wrapper = scanned.layers.attn.value if one.path.endswith("value") else scanned.layers.up
+        one.wrapper.lora_a.set_value(wrapper.lora_a[...][i])
+        one.wrapper.lora_b.set_value(wrapper.lora_b[...][i])
+    want = unrolled(X)
+    assert float(jnp.max(jnp.abs(scanned(X) - want))) <= 1e-5
+
+    kernel = np.asarray(value.base.kernel[...])
+    assert merge_lora(scanned) == 2 and float(jnp.max(jnp.abs(scanned(X) - want))) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(value.base.kernel[...])[1], kernel[1])   # layer 1: not adapted
+    assert np.abs(np.asarray(value.base.kernel[...])[0] - kernel[0]).max() > 1e-4
+    assert unmerge_lora(scanned) == 2
+    np.testing.assert_allclose(np.asarray(value.base.kernel[...]), kernel, atol=1e-6)
+
+
+def test_scanned_stack_lora_gradients_skip_not_adapted_layers():
+    model = _StackModel(nnx.Rngs(0), scan=True)
+    apply_lora(model, rank=2, alpha=2.0, target_regex=r"layers/1/attn/value", rngs=nnx.Rngs(1))
+    grad_fn = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)))
+    g = np.asarray(grad_fn(model).layers.attn.value.lora_b[...])
+    assert np.abs(g[1]).max() > 0 and np.abs(g[[0, 2]]).max() == 0
+    with pytest.raises(ConfigError, match=r"dropout .* scanned layer stack at layers/attn/query"):
+        apply_lora(model, rank=2, alpha=2.0, dropout=0.1, target_regex=r"query", rngs=nnx.Rngs(1))

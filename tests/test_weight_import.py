@@ -111,9 +111,21 @@ def test_tied_head_in_file(tmp_path):
         load_llm(edited_copy(path, tmp_path / "diff", differ))
 
 
+def test_scanned_import_fills_slice_i_from_layer_i(checkpoint):
+    """The per-layer key table fills the stacked parameters: slice i of the scanned model is layer i of the
+    unrolled one, and HF layer i's tensor, transposed."""
+    scanned, unrolled = load_llm(checkpoint[0]), load_llm(checkpoint[0], scan_layers=False)
+    tensors = load_file(f"{checkpoint[0]}/model.safetensors")
+    for i in range(2):
+        want = tensors[f"model.layers.{i}.mlp.down_proj.weight"].T
+        np.testing.assert_array_equal(np.asarray(scanned.layers.mlp.down_proj.kernel[...][i]), want)
+        np.testing.assert_array_equal(np.asarray(unrolled.layers[i].mlp.down_proj.kernel[...]), want)
+    np.testing.assert_array_equal(jit_forward(unrolled)(IDS), checkpoint[1])
+
+
 def test_load_in_bfloat16(checkpoint):
     model = load_llm(checkpoint[0], dtype=jnp.bfloat16)
-    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     logits = jit_forward(model)(IDS)
     assert logits.dtype == np.float32 and np.abs(logits - checkpoint[1]).max() < 0.25
 

@@ -133,13 +133,35 @@ def test_load_on_mesh_and_in_bfloat16(checkpoint):
     want = _run(enc, feats).last_hidden_state
     mesh = make_mesh(data=1, fsdp=-1)
     sharded = alm_jax.load_whisper_encoder(path, mesh=mesh)
-    spec = sharded.layers[0].fc1.kernel[...].sharding.spec
-    assert spec[0] == "fsdp"  # audio_embed -> fsdp (really split when several devices are visible)
+    spec = sharded.layers.fc1.kernel[...].sharding.spec    # scanned: [layers, audio_embed, audio_mlp]
+    assert spec[0] is None and spec[1] == "fsdp"  # audio_embed -> fsdp (really split when several devices are visible)
     assert _maxdiff(_run(sharded, feats).last_hidden_state, want) <= 1e-5
     half = alm_jax.load_whisper_encoder(path, dtype=jnp.bfloat16)
-    assert half.layers[0].fc1.kernel[...].dtype == jnp.bfloat16
+    assert half.layers.fc1.kernel[...].dtype == jnp.bfloat16
     got = _run(half, feats).last_hidden_state
     assert got.dtype == jnp.bfloat16 and _maxdiff(got, want) < 0.1
+
+
+def test_unrolled_equals_scanned_and_keep_runs_only_the_tapped_blocks(checkpoint):
+    path, _, scanned = checkpoint
+    unrolled = alm_jax.load_whisper_encoder(path, scan_layers=False)
+    assert isinstance(unrolled.layers, nnx.List) and len(unrolled.layers) == LAYERS
+    assert scanned.layers.fc1.kernel.shape == (LAYERS, *unrolled.layers[0].fc1.kernel.shape)
+    np.testing.assert_array_equal(np.asarray(scanned.layers.fc2.bias[...][1]),
+                                  np.asarray(unrolled.layers[1].fc2.bias[...]))
+    feats = _features(scanned.config.num_mel_bins, 200, seed=5)
+    full, loop = _run(scanned, feats), _run(unrolled, feats)
+    for ours, theirs in zip(full.hidden_states + full.block_outputs, loop.hidden_states + loop.block_outputs,
+                            strict=True):
+        assert _maxdiff(ours, theirs) <= 1e-5
+    for enc in (scanned, unrolled):
+        out = nnx.jit(lambda e, f: e(f, keep=(0,)))(enc, feats)
+        assert out.last_hidden_state is None and out.hidden_states[-1] is None
+        assert all(b is None for b in out.block_outputs[1:]) and out.hidden_states[2:] == (None,) * (LAYERS - 1)
+        assert _maxdiff(out.block_outputs[0], full.block_outputs[0]) <= 1e-5
+        assert _maxdiff(out.hidden_states[1], full.block_outputs[0]) <= 1e-5
+    with pytest.raises(ConfigError, match=r"keep=\(3,\) names blocks outside 0\.\.2"):
+        scanned(feats, keep=(3,))
 
 
 # ---- strict import ----------------------------------------------------------------------------------------
@@ -192,10 +214,12 @@ def test_wrong_shape_is_named(plain_dir, tmp_path, key):
         alm_jax.load_whisper_encoder(_variant(plain_dir, tmp_path / "v", edit))
 
 
-def test_both_prefixes_at_once_is_a_duplicate(plain_dir, tmp_path):
+@pytest.mark.parametrize("key,target", [("conv1.bias", "conv1.bias"), ("layers.1.fc1.bias", "layers.1.fc1.bias")])
+def test_both_prefixes_at_once_is_a_duplicate(plain_dir, tmp_path, key, target):
+    """Also for one slice of a stacked (scanned) parameter: each layer's slice is filled once."""
     def edit(t):
-        t["model.encoder.conv1.bias"] = t["encoder.conv1.bias"].copy()
-    with pytest.raises(WeightImportError, match=r"already filled"):
+        t[f"model.encoder.{key}"] = t[f"encoder.{key}"].copy()
+    with pytest.raises(WeightImportError, match=rf"fills '{target}', already filled"):
         alm_jax.load_whisper_encoder(_variant(plain_dir, tmp_path / "v", edit))
 
 

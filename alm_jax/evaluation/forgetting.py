@@ -162,7 +162,8 @@ class ForgettingSuite(GenerationSuite):
         self.prefix, self.with_kl = prefix, suite.kl
         self.answerer = Answerer(cfg, batch_size=suite.batch_size, max_new_tokens=suite.max_new_tokens)
         self.backbone = backbone if backbone is not None else load_llm(
-            model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh)
+            model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh,
+            scan_layers=cfg.model.scan_layers)
         self._reference = None    # the backbone's answers, computed once
 
 

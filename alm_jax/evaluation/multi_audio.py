@@ -119,7 +119,8 @@ class MultiAudioSuite(GenerationSuite):
                               for it in self.items]
         self.bare = [Record(clips=[], messages=chat(TRAINING_SYSTEM_PROMPT, it["question"])) for it in self.items]
         self.backbone = backbone if backbone is not None else load_llm(
-            model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh)
+            model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh,
+            scan_layers=cfg.model.scan_layers)
         self._reference: list[str] | None = None
 
 

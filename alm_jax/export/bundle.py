@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alm_jax.config import ModelConfig, from_dict, to_dict
+from alm_jax.config import ModelConfig, from_dict, to_dict, with_legacy_model_values
 from alm_jax.errors import CheckpointError, ConfigError
 from alm_jax.export.llm import copy_side_files
 from alm_jax.export.model_card import model_card
@@ -104,7 +104,7 @@ def bundle_model_config(path: str | Path, meta: dict | None = None) -> ModelConf
     """The bundle's ModelConfig with the frozen parts' directories resolved (copied ones inside the bundle)."""
     path = Path(path)
     meta = meta or read_bundle(path)
-    cfg = from_dict(ModelConfig, meta["model"])
+    cfg = from_dict(ModelConfig, with_legacy_model_values(meta["model"]))
 
     def where(p: str, what: str) -> str:
         d = Path(p) if Path(p).is_absolute() else path / p

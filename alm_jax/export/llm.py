@@ -25,7 +25,8 @@ from alm_jax.errors import ConfigError, WeightImportError
 from alm_jax.export.source import host_array
 from alm_jax.export.writer import ShardedSafetensorsWriter
 from alm_jax.models.llm import DecoderLM, LLMConfig
-from alm_jax.models.lora import LoRALinear, lora_layers
+from alm_jax.models.lora import LoRALinear
+from alm_jax.models.stack import stacks, unstack
 from alm_jax.weights.alm_params import DTYPES
 from alm_jax.weights.hf_import import identity, read_config, transpose
 from alm_jax.weights.llm_params import rules_for
@@ -73,21 +74,29 @@ def _rules(cfg: LLMConfig) -> tuple:
 
 
 def merged_tensors(llm: DecoderLM) -> Iterator[tuple[str, np.ndarray]]:
-    """(our dotted path, float32 numpy) for every parameter of `llm`, one at a time, LoRA folded in: a
-    wrapped layer's `X.base.kernel` comes out as `X.kernel` = base + A @ B * scale `[in, out]` (unless
-    already merged), its `X.base.bias` as `X.bias`; the LoRA factors themselves are not yielded."""
-    wrappers: dict[tuple, LoRALinear] = {tuple(p.split("/")): layer for p, layer in lora_layers(llm)}
+    """(our per-layer dotted path, float32 numpy) for every parameter of `llm`, one layer's tensor at a time,
+    LoRA folded in: a wrapped layer's `X.base.kernel` comes out as `X.kernel` = base + A @ B * scale
+    `[in, out]` (unless already merged), its `X.base.bias` as `X.bias`; the LoRA factors themselves are not
+    yielded. A scanned stack's `[L, ...]` parameters come out per layer (`layers.3.self_attn.q_proj.kernel`),
+    the names of an unrolled model."""
+    found = stacks(llm)
+    wrappers: dict[tuple, LoRALinear] = {path: node for path, node in nnx.iter_graph(llm)
+                                         if isinstance(node, LoRALinear)}
     for path, var in nnx.to_flat_state(nnx.state(llm, nnx.Param)):
-        keys = tuple(str(p) for p in path)
-        if keys[:-1] in wrappers and keys[-1] in ("lora_a", "lora_b"):
+        path = tuple(path)
+        if path[:-1] in wrappers and path[-1] in ("lora_a", "lora_b"):
             continue
-        array = host_array(var[...] if hasattr(var, "__getitem__") else var.value).astype(np.float32, copy=False)
-        layer = wrappers.get(keys[:-2])
-        if layer is not None and keys[-2] == "base":
-            if keys[-1] == "kernel" and not layer.merged:
-                array = array + host_array(layer.delta()).astype(np.float32, copy=False)
-            keys = keys[:-2] + keys[-1:]
-        yield ".".join(keys), array
+        layer = wrappers.get(path[:-2])
+        folded = layer is not None and path[-2] == "base"
+        name = path[:-2] + path[-1:] if folded else path
+        value = var[...] if hasattr(var, "__getitem__") else var.value
+        slices = unstack(name, value, found)
+        for index, (one_path, one) in enumerate(slices):
+            array = host_array(one).astype(np.float32, copy=False)
+            if folded and path[-1] == "kernel" and not layer.merged:
+                delta = layer.delta(index if layer.stacked else None)
+                array = array + host_array(delta).astype(np.float32, copy=False)
+            yield ".".join(str(p) for p in one_path), array
 
 
 def hf_config(base_dir: str | Path, cfg: LLMConfig, dtype: str) -> dict:

@@ -3,7 +3,8 @@
     files = export(run, out, dtype="float32", max_shard_bytes=...)  # adapter_config.json, adapter_model.safetensors
     # peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
 
-Per LoRA layer, PEFT's names on the HF module (e.g. model.layers.3.self_attn.q_proj):
+Per LoRA layer (a scanned stack's stacked factors layer by layer), PEFT's names on the HF module (e.g.
+model.layers.3.self_attn.q_proj):
 `base_model.model.<module>.lora_A.weight` = A.T `[rank, in]` and `...lora_B.weight` = B.T `[out, rank]`;
 PEFT's scaling lora_alpha / r equals ours. PEFT reads one adapter file, so the adapter is never sharded.
 """
@@ -14,15 +15,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from alm_jax.errors import ConfigError
 from alm_jax.export.llm import hf_name, refuse_existing
 from alm_jax.export.source import host_array
 from alm_jax.export.writer import ShardedSafetensorsWriter
-from alm_jax.models.layers import Linear
 from alm_jax.models.llm import DecoderLM
-from alm_jax.models.lora import LoRALinear, lora_layers
+from alm_jax.models.lora import LayerLoRA, linear_module_paths, lora_layers, lora_per_layer
 from alm_jax.weights.alm_params import DTYPES
 
 KEY_PREFIX = "base_model.model."   # PeftModelForCausalLM -> LoraModel -> the HF *ForCausalLM
@@ -35,13 +34,14 @@ def hf_module(path: str, llm: DecoderLM) -> str:
     return key.removesuffix(".weight")
 
 
-def adapter_modules(llm: DecoderLM) -> list[tuple[str, LoRALinear]]:
-    """(HF module name, wrapper) for every LoRA layer of `llm`; raises `ConfigError` when there is none or
-    when the layers differ in rank or alpha (one PEFT config holds one of each)."""
-    layers = [(hf_module(p, llm), layer) for p, layer in lora_layers(llm)]
+def adapter_modules(llm: DecoderLM) -> list[tuple[str, LayerLoRA]]:
+    """(HF module name, adapter) for every adapted Linear of every layer of `llm` (stacked wrappers layer by
+    layer); raises `ConfigError` when there is none or when they differ in rank or alpha (one PEFT config
+    holds one of each)."""
+    layers = [(hf_module(one.path, llm), one) for one in lora_per_layer(llm)]
     if not layers:
         raise ConfigError("the LLM has no LoRA layers; there is no adapter to export")
-    shapes = {(layer.rank, layer.alpha) for _, layer in layers}
+    shapes = {(one.wrapper.rank, one.wrapper.alpha) for _, one in layers}
     if len(shapes) > 1:
         raise ConfigError(f"LoRA layers with different (rank, alpha) {sorted(shapes)} cannot share one PEFT config")
     return layers
@@ -50,13 +50,7 @@ def adapter_modules(llm: DecoderLM) -> list[tuple[str, LoRALinear]]:
 def target_modules(llm: DecoderLM, modules: list[str]) -> list[str]:
     """PEFT's `target_modules` for LoRA on `modules`: PEFT matches a target by module-name suffix, so the
     short name ("q_proj") when every Linear of that name carries LoRA, else the full module names."""
-    wrapped = {p for p, _ in lora_layers(llm)}
-    linears = set()
-    for path, node in nnx.iter_graph(llm):
-        if isinstance(node, Linear):
-            p = "/".join(str(k) for k in path)
-            linears.add(p.removesuffix("/base") if p.removesuffix("/base") in wrapped else p)
-    every = [hf_module(p, llm) for p in sorted(linears)]
+    every = [hf_module(p, llm) for p in linear_module_paths(llm)]
     targets = set()
     for module in modules:
         short = module.rsplit(".", 1)[-1]
@@ -68,7 +62,7 @@ def target_modules(llm: DecoderLM, modules: list[str]) -> list[str]:
 def adapter_config(llm: DecoderLM, base_dir: str | Path) -> dict:
     """adapter_config.json as `peft.LoraConfig` reads it."""
     layers = adapter_modules(llm)
-    layer = layers[0][1]
+    layer = layers[0][1].wrapper
     alpha = int(layer.alpha) if float(layer.alpha).is_integer() else float(layer.alpha)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -90,9 +84,9 @@ def write_adapter(llm: DecoderLM, base_dir: str | Path, out: str | Path, *, dtyp
     refuse_existing(out, "adapter_model")
     config = adapter_config(llm, base_dir)
     writer = ShardedSafetensorsWriter(out, max_shard_bytes=ONE_FILE, prefix="adapter_model")
-    for module, layer in adapter_modules(llm):
-        for name, factor in (("lora_A", layer.lora_a), ("lora_B", layer.lora_b)):
-            array = np.asarray(host_array(factor[...]), np.float32).T     # A `[in, r]` -> `[r, in]`; B likewise
+    for module, one in adapter_modules(llm):
+        for name, factor in zip(("lora_A", "lora_B"), one.factors()):
+            array = np.asarray(host_array(factor), np.float32).T     # A `[in, r]` -> `[r, in]`; B likewise
             writer.add(f"{KEY_PREFIX}{module}.{name}.weight", np.ascontiguousarray(array, dtype=DTYPES[dtype]))
     files = writer.close()
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

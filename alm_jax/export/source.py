@@ -15,9 +15,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alm_jax.config import TrainConfig, apply_override, from_dict
+from alm_jax.config import TrainConfig, apply_override, from_dict, with_legacy_model_values
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import AudioLanguageModel
+from alm_jax.models.stack import stacks, unstack
 from alm_jax.training.checkpoint import Checkpointer, restore_params
 from alm_jax.weights.alm_params import build_alm
 from alm_jax.weights.demo_models import resolve_demo_paths
@@ -44,6 +45,7 @@ def load_run(directory: str | Path, step: int | None = None, *, overrides: Seque
     if stored is None:
         raise ConfigError(f"{directory} holds no run config; give the checkpoint.dir of an `alm train` run")
     data = dict(stored)
+    data["model"] = with_legacy_model_values(data.get("model", {}))   # a run from before scan_layers: unrolled
     for override in overrides:
         if override.split("=", 1)[0].strip().startswith("model."):
             raise ConfigError(f"{override}: the model is the checkpoint's; only data/eval settings may change")
@@ -62,6 +64,10 @@ def host_array(x) -> np.ndarray:
 
 
 def host_tensors(module: nnx.Module, variable_type=nnx.Param) -> Iterator[tuple[str, np.ndarray]]:
-    """(dotted state path, numpy array) for every `variable_type` variable of `module`, one at a time."""
+    """(dotted per-layer state path, numpy array) for every `variable_type` variable of `module`, one at a
+    time; a scanned stack's `[L, ...]` variables come out layer by layer (`layers.3.fc1.kernel`)."""
+    found = stacks(module)
     for path, var in nnx.to_flat_state(nnx.state(module, variable_type)):
-        yield ".".join(str(p) for p in path), host_array(var[...] if hasattr(var, "__getitem__") else var.value)
+        value = var[...] if hasattr(var, "__getitem__") else var.value
+        for one_path, one in unstack(tuple(path), value, found):
+            yield ".".join(str(p) for p in one_path), host_array(one)

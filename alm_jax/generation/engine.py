@@ -71,8 +71,8 @@ class ResponseGenerator:
     """Batched chat answers from a local HF LLM directory (config + safetensors + tokenizer).
 
     The tokenizer (with its chat template) loads now, the model (`load_llm`, parameters in `dtype`, placed
-    on `mesh` by their logical axes when given, e.g. fsdp/tensor over this process's devices) on the first
-    `generate`. Decoding is `generation.sampler` with `sampling` (default greedy); its EOS ids are the
+    on `mesh` by their logical axes when given, e.g. fsdp/tensor over this process's devices; layers scanned
+    unless `scan_layers=False`: one compiled block instead of one per layer) on the first `generate`. Decoding is `generation.sampler` with `sampling` (default greedy); its EOS ids are the
     tokenizer's EOS plus the model's `generation_config.json` ones. `stop_strings` cut a decoded answer (a
     hit counts as finished). `name` is the generator recorded in provenance (default: the directory name).
     """
@@ -80,7 +80,8 @@ class ResponseGenerator:
     def __init__(self, llm_dir: str | os.PathLike, *, batch_size: int = 16, max_new_tokens: int = 64,
                  max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
                  tokenizer_dir: str | os.PathLike | None = None, name: str | None = None,
-                 sampling: sampler.SamplingConfig | None = None, stop_strings: Sequence[str] = (), mesh=None):
+                 sampling: sampler.SamplingConfig | None = None, stop_strings: Sequence[str] = (), mesh=None,
+                 scan_layers: bool = True):
         for key, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
                            ("max_prompt_tokens", max_prompt_tokens), ("prompt_bucket", prompt_bucket)):
             if not isinstance(value, int) or value < 1:
@@ -110,7 +111,7 @@ class ResponseGenerator:
                 tuple(self.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in self.stop_strings))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.max_prompt_tokens, self.prompt_bucket = max_prompt_tokens, prompt_bucket
-        self.dtype = dtype
+        self.dtype, self.scan_layers = dtype, scan_layers
         self.name = name or self.llm_dir.resolve().name
         self.model = None
         self.tokens_generated = 0
@@ -126,7 +127,7 @@ class ResponseGenerator:
         """Load the model now (otherwise the first `generate` does); checks the context length fits."""
         if self.model is not None:
             return
-        model = load_llm(self.llm_dir, dtype=self.dtype, mesh=self.mesh)
+        model = load_llm(self.llm_dir, dtype=self.dtype, mesh=self.mesh, scan_layers=self.scan_layers)
         self.sampling.check_vocab(model.cfg.vocab_size)
         longest = self.bucket_width(self.max_prompt_tokens) + self.max_new_tokens
         if longest > model.cfg.max_position_embeddings:

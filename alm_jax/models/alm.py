@@ -65,12 +65,13 @@ class AudioLanguageModel(nnx.Module):
     stream); `encoder_cfgs`: their kinds, taps,
     tap indexing ("blocks" = raw block outputs, DeSTA; "hf" = hidden_states with 0 = embeddings, ALARM) and
     padding; `connector`: what to build between them and `llm`. Connector parameters are float32
-    (`param_dtype`); the computation runs in `dtype`.
+    (`param_dtype`); the computation runs in `dtype`. `scan_layers` / `remat` go to a connector with a layer
+    stack (`Connector.layer_stack`; encoders and LLM come built).
     """
 
     def __init__(self, encoders: Sequence[WhisperEncoder | W2VBertModel], llm: DecoderLM, connector: ConnectorConfig,
                  encoder_cfgs: Sequence[EncoderConfig], *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, scan_layers: bool = True, remat: str = "none"):
         cls = connector_class(connector.kind)
         if len(encoders) != len(encoder_cfgs) or not encoders:
             raise ConfigError(f"got {len(encoders)} encoders but {len(encoder_cfgs)} encoder configs")
@@ -88,7 +89,9 @@ class AudioLanguageModel(nnx.Module):
         self.encoder_cfgs = tuple(encoder_cfgs)
         self.dtype = dtype
         infos = [encoder_info(e, c) for e, c in zip(encoders, encoder_cfgs)]
-        self.connector = cls(connector, infos, llm.cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        stack_kw = dict(scan_layers=scan_layers, remat=remat) if cls.layer_stack else {}
+        self.connector = cls(connector, infos, llm.cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             **stack_kw)
         self.token_rule = token_rule_for(cls, connector, encoder_cfgs)
 
     # ---- audio side
@@ -116,8 +119,16 @@ class AudioLanguageModel(nnx.Module):
         else:
             raise ConfigError("encoder_states needs audio waveforms [N, S] or log-mel features [N, n_mels, frames]")
         valid = self.connector.encoder_valid_positions(audio_samples) if audio_samples is not None else None
-        out = enc(feats.astype(enc.dtype), valid_positions=valid)
+        out = enc(feats.astype(enc.dtype), valid_positions=valid, keep=self.tapped_blocks(i))
         return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+
+    def tapped_blocks(self, i: int) -> tuple[int, ...]:
+        """The Whisper blocks whose outputs encoder i's taps read: a "blocks" tap t is block t; an "hf" tap t
+        is block t - 1 (t = 0, the embeddings, needs none; t = L, after the final LayerNorm, needs the last)."""
+        taps = self.connector.encoder_taps[i]
+        if self.encoder_cfgs[i].tap_indexing == "blocks":
+            return tuple(taps)
+        return tuple(t - 1 for t in taps if t > 0)
 
     def _waveforms(self, i, audio):
         if audio is None:

@@ -180,22 +180,22 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
 class KVCache:
     """A functional KV cache (a pytree: pass it into a jitted call and take the returned one).
 
-    keys/values: per layer `[batch, max_len, kv_heads, head_dim]`; valid `[batch, max_len]` bool (the slot
+    keys/values: every layer's, stacked `[layers, batch, max_len, kv_heads, head_dim]` (a scanned layer stack
+    carries them through its scan; an unrolled one indexes them); valid `[batch, max_len]` bool (the slot
     holds a real token, so left padding stays masked); end: int32 scalar, the next slot to write (shared by
     the batch); next_position `[batch]` int32, the rotary position of each row's next real token.
     Writing past max_len is not checked (size it to prompt + new tokens).
     """
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
     end: jax.Array
     next_position: jax.Array
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        shape = (batch, max_len, kv_heads, head_dim)
-        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32))
 
@@ -238,11 +238,13 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, inv_freq, mask: jax.Array,
-                 kv_cache: tuple[jax.Array, jax.Array] | None = None, write_at: jax.Array | None = None):
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | int = 0,
+                 write_at: jax.Array | None = None):
         """x `[b, t, embed]`, positions `[b, t]`, mask `[b, t, s]` bool over the keys: the t new tokens
-        (s = t) or, with kv_cache (k, v) `[b, s, kv_heads, head_dim]`, every cache slot after the new keys
-        are written at slot `write_at`. Returns (`[b, t, embed]`, (k, v)): the updated cache, or this
-        call's keys/values `[b, t, kv_heads, head_dim]`."""
+        (s = t) or, with kv_cache (keys, values) `[layers, b, s, kv_heads, head_dim]` (every layer's cache),
+        every slot of entry `layer` after this call's keys/values are written there at slot `write_at` (only
+        the t new slots are written: the stacked cache is updated in place). Returns (`[b, t, embed]`,
+        (k, v)): the updated stacked cache, or this call's keys/values `[b, t, kv_heads, head_dim]`."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -251,11 +253,14 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv_cache is not None:
-            start = (0, write_at, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            start = (layer, 0, write_at, 0, 0)
+            keys = jax.lax.dynamic_update_slice(kv_cache[0], k[None].astype(kv_cache[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(kv_cache[1], v[None].astype(kv_cache[1].dtype), start)
+            k = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False)
         out = grouped_query_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (k, v)
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out, ((keys, values) if kv_cache is not None else (k, v))
 
 
 class SwiGLU(nnx.Module):

@@ -10,6 +10,12 @@ tokens, so a left-padded row gives the logits of the unpadded one. Packing: `seg
 restrict attention to the query's own segment, and positions restart per segment. Decoding: pass a
 `KVCache` (`model.init_cache`) and take the returned one; the cache is a pytree, made for `jax.jit`.
 Parameter names mirror HF (`layers.3.self_attn.q_proj.kernel`), so the key table stays readable.
+
+Layers (`models/stack.py`): scanned by default (`scan_layers=True`: one `DecoderBlock` whose parameters are
+stacked `[num_layers, ...]`, at `layers.self_attn.q_proj.kernel`, run by one `lax.scan`, so the block is
+traced and compiled once instead of once per layer) or unrolled (`layers.3.self_attn...`). The KV cache is
+stacked the same way in both forms. `remat` ("none" | "full" | "save_dots") checkpoints each block for the
+backward pass.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from flax import nnx
 from alm_jax.errors import WeightImportError
 from alm_jax.models.layers import (ROPE_TYPES, Attention, Embed, KVCache, Linear, RMSNorm, SwiGLU, causal_mask,
                                    positions_from_mask, positions_from_segments, rope_inv_freq)
+from alm_jax.models.stack import check_remat, make_stack, run_stack
+from alm_jax.sharding import ACTIVATION_AXES, constrain
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -136,14 +144,16 @@ class DecoderLM(nnx.Module):
     """Token embedding -> blocks -> final RMSNorm -> LM head (the embedding when tied).
 
     Parameters: embed_tokens.embedding `[vocab, embed]` ('vocab', 'embed'); per block the `Attention` and
-    `SwiGLU` kernels (see layers.py) and norms ('norm',); lm_head.kernel `[embed, vocab]` ('embed', 'vocab').
+    `SwiGLU` kernels (see layers.py) and norms ('norm',), with a leading `[num_layers]` axis ('layers') when
+    scanned; lm_head.kernel `[embed, vocab]` ('embed', 'vocab').
     """
 
-    def __init__(self, cfg: LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg, self.dtype = cfg, dtype
+    def __init__(self, cfg: LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 scan_layers: bool = True, remat: str = "none"):
+        self.cfg, self.dtype, self.remat = cfg, dtype, check_remat(remat)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.layers = make_stack(lambda r: DecoderBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                                 cfg.num_layers, scan=scan_layers, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -180,17 +190,18 @@ class DecoderLM(nnx.Module):
             default_positions, attn_mask, new_cache = cache.append_tokens(mask)
         positions = default_positions if positions is None else positions
         kwargs = dict(positions=positions, inv_freq=self.cfg.inv_freq(), mask=attn_mask)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                kwargs.update(kv_cache=(cache.keys[i], cache.values[i]), write_at=cache.end)
-            x, (k, v) = layer(x, **kwargs)
-            keys.append(k)
-            values.append(v)
-        x = self.norm(x)
         if cache is None:
-            return x, None
-        return x, dataclasses.replace(new_cache, keys=tuple(keys), values=tuple(values))
+            x, _ = run_stack(self.layers, lambda block, h, _: (constrain(block(h, **kwargs)[0], ACTIVATION_AXES), None),
+                             constrain(x, ACTIVATION_AXES), remat=self.remat)
+            return self.norm(x), None
+
+        def body(block, carry, layer):   # the stacked cache rides in the carry: written in place, slot by slot
+            h, keys, values = carry
+            h, (keys, values) = block(h, kv_cache=(keys, values), layer=layer, write_at=cache.end, **kwargs)
+            return (h, keys, values), None
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x, keys, values), _ = run_stack(self.layers, body, (x, cache.keys, cache.values), layers, remat=self.remat)
+        return self.norm(x), dataclasses.replace(new_cache, keys=keys, values=values)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden `[b, t, embed]` -> logits `[b, t, vocab]` float32 (accumulated in float32)."""

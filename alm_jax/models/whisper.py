@@ -14,13 +14,18 @@ Two indexings of the per-layer states are returned (see `WhisperEncoderOutput`):
 - `block_outputs`: L entries; [i] = raw output of block i (0-based), before any final LayerNorm. DeSTA taps
   these (e.g. [7, 15, 23, 31] of large-v3). They coincide with `hidden_states[i + 1]` for i < L - 1; the last
   one differs (no final LayerNorm).
+
+Blocks (`models/stack.py`): scanned by default (one `WhisperBlock` with parameters `[L, ...]`, one `lax.scan`)
+or unrolled. Either way the block outputs are written into one buffer carried through the layers; with
+`keep` (the blocks a connector taps) only those are kept and only blocks up to the deepest one run (the
+other entries are None), which is what the unrolled program got from XLA's dead-code elimination.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +34,8 @@ from flax import nnx, struct
 
 from alm_jax.errors import AudioError, ConfigError
 from alm_jax.models.layers import Conv1d, LayerNorm, Linear, param
+from alm_jax.models.stack import make_stack, run_stack
+from alm_jax.sharding import ACTIVATION_AXES, constrain
 
 _GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
 
@@ -78,10 +85,11 @@ class WhisperEncoderConfig:
 @struct.dataclass
 class WhisperEncoderOutput:
     """`last_hidden_state` `[batch, positions, d]`; `hidden_states` (HF indexing, L + 1 entries) and
-    `block_outputs` (raw block outputs, L entries), each entry `[batch, positions, d]`; see the module doc."""
-    last_hidden_state: jax.Array
-    hidden_states: tuple[jax.Array, ...]
-    block_outputs: tuple[jax.Array, ...]
+    `block_outputs` (raw block outputs, L entries), each entry `[batch, positions, d]`; see the module doc.
+    Entries not asked for (`keep`) are None, and so is `last_hidden_state` when the last block did not run."""
+    last_hidden_state: jax.Array | None
+    hidden_states: tuple[jax.Array | None, ...]
+    block_outputs: tuple[jax.Array | None, ...]
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -168,7 +176,7 @@ class WhisperEncoder(nnx.Module):
     """Whisper encoder. `encoder(input_features [batch, n_mels, frames])` -> `WhisperEncoderOutput`."""
 
     def __init__(self, cfg: WhisperEncoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, scan_layers: bool = True):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype = cfg, dtype
         d = cfg.d_model
@@ -179,7 +187,8 @@ class WhisperEncoder(nnx.Module):
         self.conv2 = Conv1d(d, d, 3, stride=2, padding=1, axes=("audio_embed", None), **kw)
         self.embed_positions = param(jnp.asarray(sinusoids(cfg.max_source_positions, d), param_dtype),
                                      ("audio_pos", "audio_embed"))
-        self.layers = nnx.List([WhisperBlock(cfg, **kw) for _ in range(cfg.encoder_layers)])
+        self.layers = make_stack(lambda r: WhisperBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                                 cfg.encoder_layers, scan=scan_layers, rngs=rngs)
         self.layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def embed(self, input_features: jax.Array) -> jax.Array:
@@ -200,18 +209,32 @@ class WhisperEncoder(nnx.Module):
         pos = self.embed_positions[: x.shape[1]].astype(self.dtype)
         return x + pos[None]
 
-    def __call__(self, input_features: jax.Array,
-                 valid_positions: jax.Array | None = None) -> WhisperEncoderOutput:
+    def __call__(self, input_features: jax.Array, valid_positions: jax.Array | None = None, *,
+                 keep: Sequence[int] | None = None) -> WhisperEncoderOutput:
         """input_features `[batch, n_mels, frames]` (frames <= 2 * max_source_positions) -> outputs with
         `[batch, ceil(frames / 2), d]` states. `valid_positions` `[batch]`: self-attention sees only the first
-        that many positions of each row as keys (Qwen2-Audio's padding mask); None = all (Whisper, DeSTA)."""
+        that many positions of each row as keys (Qwen2-Audio's padding mask); None = all (Whisper, DeSTA).
+        `keep`: the blocks (0-based) whose outputs are wanted; blocks past the deepest one do not run, and
+        the entries of other blocks are None (hidden_states[0], the embeddings, is always there). None = all."""
+        n_layers = self.config.encoder_layers
+        kept = tuple(range(n_layers)) if keep is None else tuple(sorted(set(keep)))
+        if any(not 0 <= k < n_layers for k in kept):
+            raise ConfigError(f"whisper encoder: keep={tuple(keep)} names blocks outside 0..{n_layers - 1}")
         x = self.embed(input_features)
         key_mask = None if valid_positions is None else jnp.arange(x.shape[1])[None, :] < valid_positions[:, None]
-        hidden, blocks = [x], []
-        for layer in self.layers:
-            x = layer(x, key_mask)
-            blocks.append(x)
-            hidden.append(x)
-        last = self.layer_norm(x)
-        hidden[-1] = last
-        return WhisperEncoderOutput(last_hidden_state=last, hidden_states=tuple(hidden), block_outputs=tuple(blocks))
+        run = kept[-1] + 1 if kept else 0
+        slots = np.full(run, len(kept), np.int32)   # block -> its row in the buffer (the last row: discarded)
+        slots[list(kept)] = np.arange(len(kept))
+
+        def body(block, carry, slot):
+            h, buffer = carry
+            h = constrain(block(h, key_mask), ACTIVATION_AXES)
+            return (h, jax.lax.dynamic_update_index_in_dim(buffer, h, slot, 0)), None
+
+        x = constrain(x, ACTIVATION_AXES)
+        buffer = constrain(jnp.zeros((len(kept) + 1, *x.shape), x.dtype), (None, *ACTIVATION_AXES))
+        (last_block, buffer), _ = run_stack(self.layers, body, (x, buffer), jnp.asarray(slots), length=run)
+        blocks = tuple(buffer[int(slots[i])] if i in kept else None for i in range(n_layers))
+        last = self.layer_norm(last_block) if run == n_layers else None
+        return WhisperEncoderOutput(last_hidden_state=last, hidden_states=(x, *blocks[:-1], last),
+                                    block_outputs=blocks)

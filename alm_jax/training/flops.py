@@ -210,7 +210,7 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     from flax import nnx
 
     from alm_jax.audio.features import log_mel
-    from alm_jax.models.lora import lora_layers
+    from alm_jax.models.lora import lora_per_layer
 
     graphdef, state = nnx.split(model)
     params = _abstract(state)
@@ -236,7 +236,8 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
             feats = jax.eval_shape(mel, params, sample["audio"])
             taken += trace(mel, sample["audio"])
         feats = jax.ShapeDtypeStruct(feats.shape, model.encoders[i].dtype)
-        taken += trace(lambda st, x, i=i: nnx.merge(graphdef, st).encoders[i](x), feats)
+        keep = model.tapped_blocks(i)   # the blocks the model runs (scanned or not), as in its forward
+        taken += trace(lambda st, x, i=i, keep=keep: nnx.merge(graphdef, st).encoders[i](x, keep=keep), feats)
         frames = -(-feats.shape[2] // 2)
         encoder += encoder_forward_flops(_encoder_layers_run(model, i), c.d_model, c.encoder_ffn_dim,
                                            c.encoder_attention_heads, c.num_mel_bins, frames)
@@ -247,8 +248,8 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     connector = trace(lambda st, b: nnx.merge(graphdef, st)(b), sample) - taken
     llm = transformer_forward_flops(lc.num_layers, lc.hidden_size, lc.intermediate_size, lc.num_heads,
                                       lc.num_kv_heads, lc.head_dim, text_len, lc.vocab_size)
-    lora = sum(lora_forward_flops(text_len, [(l.base.in_features, l.base.out_features)], l.rank)
-               for _, l in lora_layers(model.llm))
+    lora = sum(lora_forward_flops(text_len, [(one.wrapper.base.in_features, one.wrapper.base.out_features)],
+                                  one.wrapper.rank) for one in lora_per_layer(model.llm))   # stacked: per layer
     out = {"encoder": batch_size * encoder, "connector": batch_size * connector, "llm": batch_size * llm,
            "lora": batch_size * lora}
     out["train"] = alm_train_flops(out["encoder"], out["connector"], out["llm"], lora_fwd=out["lora"])

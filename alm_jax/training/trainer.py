@@ -313,7 +313,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
             if batch_transform is not None:
                 batch = batch_transform(step + 1, batch)
             with timer.step():
-                state, m = step_fn(state, frozen, to_global(batch, mesh), step)
+                with jax.set_mesh(mesh):   # layer stacks pin their loop carries to it (sharding.constrain)
+                    state, m = step_fn(state, frozen, to_global(batch, mesh), step)
                 if sync:
                     m["loss"].block_until_ready()
             step += 1

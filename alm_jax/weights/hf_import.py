@@ -7,16 +7,21 @@ model does not have, that fills a path twice, or whose transformed shape differs
 `WeightImportError` naming the key; so does a model parameter that no tensor filled (missing).
 
 Tensors are read one at a time with `safetensors.safe_open` and placed straight onto their target
-sharding, so a 7B model never exists twice in host RAM. A truncated or corrupt safetensors file (bad
-header, data not covering what the header declares) raises `WeightImportError` naming the file and
-saying to download or convert it again (`open_safetensors`); a damaged byte inside a tensor's data cannot
-be detected: the format carries no checksum.
+sharding, so a 7B model never exists twice in host RAM. Scanned layer stacks (`models/stack.py`) keep the
+per-layer key tables: a rule target `layers.3.mlp.up_proj.kernel` fills slice 3 of the stacked parameter
+`layers.mlp.up_proj.kernel` `[L, ...]`, written into its device buffer in place; each slice is its own
+target (filled exactly once, reported by its per-layer name when missing or doubled).
+
+A truncated or corrupt safetensors file (bad header, data not covering what the header declares) raises
+`WeightImportError` naming the file and saying to download or convert it again (`open_safetensors`); a
+damaged byte inside a tensor's data cannot be detected: the format carries no checksum.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -26,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 
 from alm_jax.errors import WeightImportError
+from alm_jax.models.stack import layer_paths, stack_of, stacks
 from alm_jax.sharding import state_shardings
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -139,6 +145,37 @@ def _path_str(path: Sequence) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _slots(abs_state: nnx.State, found: dict) -> dict[str, tuple[tuple, int | None]]:
+    """Every fillable target by its per-layer dotted name -> (state path, layer index or None): a scanned
+    stack's `[L, ...]` parameter is L targets, `layers.0.<name>` ... `layers.{L-1}.<name>`."""
+    out = {}
+    for path, _ in nnx.to_flat_state(abs_state):
+        path = tuple(path)
+        stacked = stack_of(path, found) is not None
+        for i, one in enumerate(layer_paths(path, found)):
+            out[_path_str(one)] = (path, i if stacked else None)
+    return out
+
+
+def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_writer(sharding) -> Callable:
+    """jit of `_set_layer` that updates the stacked buffer in place (donated), keeping its sharding."""
+    return jax.jit(_set_layer, donate_argnums=0, out_shardings=sharding)
+
+
+def _write_layer(stacked: jax.Array | None, host: np.ndarray, index: int, shape: tuple, sharding) -> jax.Array:
+    """Slice `index` of a stacked `[L, ...]` device array (allocated with `sharding` on first use) set to `host`."""
+    if stacked is None:
+        stacked = jnp.zeros(shape, host.dtype, device=sharding)
+    layer_sharding = None if sharding is None else NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    layer = jax.device_put(host, layer_sharding) if layer_sharding is not None else jnp.asarray(host)
+    return _layer_writer(sharding)(stacked, layer, np.int32(index))
+
+
 def import_weights(model_factory: Callable[[], nnx.Module], model_dir: str | Path, rules: Sequence[Rule], *,
                    dtype=jnp.float32, mesh: Mesh | None = None, ignore: Sequence[str] = (),
                    family: str = "model") -> nnx.Module:
@@ -146,14 +183,19 @@ def import_weights(model_factory: Callable[[], nnx.Module], model_dir: str | Pat
 
     `model_factory()` must build the model with parameters in `dtype`. `ignore` lists regexes of HF keys
     that are known and deliberately not loaded (e.g. a duplicated tied head). With `mesh`, every tensor is
-    placed with the sharding its logical axes map to; otherwise on the default device.
+    placed with the sharding its logical axes map to; otherwise on the default device. Rule targets name
+    layers one by one (`layers.3....`) whether the model's stacks are scanned or unrolled.
     """
     abstract = nnx.eval_shape(model_factory)
+    found = stacks(abstract)
     graphdef, abs_state = nnx.split(abstract)
     shardings = state_shardings(abs_state, mesh) if mesh is not None else None
-    targets = {_path_str(p): v for p, v in nnx.to_flat_state(abs_state)}
-    target_sharding = ({_path_str(p): v for p, v in nnx.to_flat_state(shardings)} if shardings is not None else {})
-    filled: dict[str, tuple[str, jax.Array]] = {}
+    targets = {tuple(p): v for p, v in nnx.to_flat_state(abs_state)}
+    target_sharding = ({tuple(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+                       if shardings is not None else {})
+    slots = _slots(abs_state, found)
+    filled: dict[str, str] = {}                   # per-layer target name -> the key that filled it
+    values: dict[tuple, jax.Array] = {}           # state path -> its array (stacked ones filled slice by slice)
     ignore_re = [re.compile(p) for p in ignore]
 
     for key, load, shape in iter_tensors(model_dir):
@@ -168,33 +210,36 @@ def import_weights(model_factory: Callable[[], nnx.Module], model_dir: str | Pat
                                     f"({[h[0].pattern for h in hits]}); the key table is ambiguous")
         rule, groups = hits[0]
         path = rule.target.format(*groups)
-        if path not in targets:
+        if path not in slots:
             raise WeightImportError(f"{family}: key {key!r} maps to {path!r}, which the model does not have "
                                     "(config and checkpoint disagree, e.g. number of layers)")
         if path in filled:
-            raise WeightImportError(f"{family}: key {key!r} fills {path!r}, already filled by {filled[path][0]!r}")
-        var = targets[path]
-        want = tuple(var.get_value().shape)
+            raise WeightImportError(f"{family}: key {key!r} fills {path!r}, already filled by {filled[path]!r}")
+        state_path, layer = slots[path]
+        var = targets[state_path]
+        full_shape = tuple(var.get_value().shape)
+        want = full_shape if layer is None else full_shape[1:]
         host = rule.transform(load())
         if tuple(host.shape) != want:
             raise WeightImportError(f"{family}: key {key!r} has shape {shape} -> {tuple(host.shape)} after transform, "
                                     f"but the model expects {want} at {path!r}")
         host = np.asarray(host, dtype=var.get_value().dtype)
-        if path in target_sharding:
-            arr = jax.device_put(host, target_sharding[path].get_value())
+        sharding = target_sharding.get(state_path)
+        if layer is not None:
+            values[state_path] = _write_layer(values.get(state_path), host, layer, full_shape, sharding)
+        elif sharding is not None:
+            values[state_path] = jax.device_put(host, sharding)
         else:
-            arr = jnp.asarray(host)
-        filled[path] = (key, arr)
+            values[state_path] = jnp.asarray(host)
+        filled[path] = key
         del host
 
-    missing = sorted(set(targets) - set(filled))
+    missing = [p for p in slots if p not in filled]
     if missing:
         raise WeightImportError(f"{family}: {len(missing)} model parameter(s) not found in {model_dir}: "
-                                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; the checkpoint is incomplete or "
-                                "of a different config")
-    flat = [(tuple(int(s) if s.isdigit() else s for s in p.split(".")), targets[p].replace(filled[p][1]))
-            for p in targets]
-    state = nnx.from_flat_state(flat)
+                                f"{sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}; the checkpoint is "
+                                "incomplete or of a different config")
+    state = nnx.from_flat_state([(p, targets[p].replace(values[p])) for p in targets])
     return nnx.merge(graphdef, state)
 
 

@@ -65,15 +65,18 @@ def verify_tied_head(model_dir: str | Path) -> None:
                                 f"from {EMBED_KEY!r}; set tie_word_embeddings to false to load the separate head")
 
 
-def load_llm(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> DecoderLM:
+def load_llm(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None, scan_layers: bool = True,
+             remat: str = "none") -> DecoderLM:
     """A `DecoderLM` from a local HF directory (config.json + safetensors), parameters stored in `dtype`
-    and, with `mesh`, placed with the shardings their logical axes map to.
+    and, with `mesh`, placed with the shardings their logical axes map to. `scan_layers` / `remat`: the
+    layer stack's form and per-block rematerialization (`DecoderLM`).
 
     Tied models: `lm_head.weight`, when the file has it, is not loaded but must equal the embedding
     (otherwise the config's tie_word_embeddings is wrong and this raises `WeightImportError`).
     """
     cfg = LLMConfig.from_hf(read_config(path))
-    model = import_weights(lambda: DecoderLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), path,
+    model = import_weights(lambda: DecoderLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                                             scan_layers=scan_layers, remat=remat), path,
                            rules_for(cfg), dtype=dtype, mesh=mesh, ignore=ignored_keys(cfg),
                            family=f"llm ({cfg.model_type})")
     if cfg.tie_word_embeddings:

@@ -56,12 +56,15 @@ ENCODER_IGNORE: tuple[str, ...] = (
 )
 
 
-def load_whisper_encoder(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> WhisperEncoder:
+def load_whisper_encoder(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None,
+                         scan_layers: bool = True) -> WhisperEncoder:
     """The encoder of a local HF Whisper directory (WhisperModel or WhisperForConditionalGeneration,
-    safetensors), parameters stored in `dtype` (frozen), placed on `mesh` by their logical axes if given.
+    safetensors), parameters stored in `dtype` (frozen), placed on `mesh` by their logical axes if given;
+    blocks scanned (stacked `[L, ...]`) or unrolled (`scan_layers`).
     Decoder weights are skipped; any other unexpected, missing or mis-shaped key raises WeightImportError."""
     cfg = WhisperEncoderConfig.from_hf(read_config(path))
-    return import_weights(lambda: WhisperEncoder(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
+    return import_weights(lambda: WhisperEncoder(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                                                 scan_layers=scan_layers),
                           path, ENCODER_RULES, dtype=dtype, mesh=mesh, ignore=ENCODER_IGNORE,
                           family="whisper encoder")
 
@@ -99,10 +102,12 @@ def load_whisper_decoder(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | No
                           path, rules, dtype=dtype, mesh=mesh, ignore=ignore, family="whisper decoder")
 
 
-def load_whisper(path: str | Path, *, dtype=jnp.float32,
-                 mesh: Mesh | None = None) -> tuple[WhisperEncoder, WhisperDecoder]:
-    """(encoder, decoder) of a full local HF Whisper directory (both halves strict; see the two loaders)."""
-    return (load_whisper_encoder(path, dtype=dtype, mesh=mesh), load_whisper_decoder(path, dtype=dtype, mesh=mesh))
+def load_whisper(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None,
+                 scan_layers: bool = True) -> tuple[WhisperEncoder, WhisperDecoder]:
+    """(encoder, decoder) of a full local HF Whisper directory (both halves strict; see the two loaders; the
+    decoder's layers stay unrolled)."""
+    return (load_whisper_encoder(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers),
+            load_whisper_decoder(path, dtype=dtype, mesh=mesh))
 
 
 def load_generation_config(path: str | Path, *, language: str | None = None) -> WhisperGenerationConfig:

@@ -4,6 +4,7 @@ A connector kind is a class registered in `alm_jax/models/connectors/__init__.py
 
     cls.token_rule(cc, n_encoders) -> TokenRule   # audio tokens of a clip, from the config alone
     cls(cc, encoders, llm_dim, dtype=, param_dtype=, rngs=)   # encoders: EncoderInfo per configured encoder
+                                                  # (+ scan_layers=, remat= when cls.layer_stack)
     conn.encoder_taps -> ((entry, ...), ...)      # per encoder it reads (0..k-1): the state entries it reads
     conn(states, audio_samples) -> [N, M, llm_dim]
 
@@ -57,9 +58,12 @@ class EncoderInfo:
 
 class Connector(nnx.Module):
     """Base of every connector kind (see the module docstring). Subclasses set `kind`, `min_encoders`,
-    implement `token_rule` and `__call__`, and set `self.encoder_taps` in `__init__`."""
+    implement `token_rule` and `__call__`, and set `self.encoder_taps` in `__init__`. A kind with a layer
+    stack (`models/stack.py`) sets `layer_stack` and takes `scan_layers` / `remat` (model.scan_layers,
+    model.remat) as keyword arguments."""
     kind: ClassVar[str] = ""
     min_encoders: ClassVar[int] = 1
+    layer_stack: ClassVar[bool] = False
     encoder_taps: tuple[tuple[int, ...], ...]
 
     @classmethod

@@ -29,6 +29,8 @@ from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule
 from alm_jax.models.connectors.common import (
     MultiHeadAttention, apply_dropout, check_last_dim, gelu, make_dropout, select_taps)
 from alm_jax.models.layers import LayerNorm, Linear, param
+from alm_jax.models.stack import check_remat, make_stack, run_stack, scanned_size, stack_length
+from alm_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +94,20 @@ class QFormerStack(nnx.Module):
     """The shared Q-Former (HF `BertEncoder` equivalent; no embedding LayerNorm: queries go in as is).
 
     queries `[batch, queries, hidden]`, enc `[batch, frames, enc_dim]`, enc_mask `[batch, frames]` (True =
-    valid, optional; DeSTA passes none) -> `[batch, queries, hidden]`."""
+    valid, optional; DeSTA passes none) -> `[batch, queries, hidden]`. `layer`: the layers, scanned (one
+    `BertQFormerLayer` with parameters `[layers, ...]`) or unrolled (`models/stack.py`); `remat` per layer."""
 
-    def __init__(self, cfg: QFormerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layer = nnx.List([BertQFormerLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                               for _ in range(cfg.layers)])
+    def __init__(self, cfg: QFormerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 scan_layers: bool = True, remat: str = "none"):
+        self.remat = check_remat(remat)
+        self.layer = make_stack(lambda r: BertQFormerLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                                cfg.layers, scan=scan_layers, rngs=rngs)
 
     def __call__(self, queries: jax.Array, enc: jax.Array, enc_mask: jax.Array | None = None) -> jax.Array:
-        x = queries
-        for layer in self.layer:
-            x = layer(x, enc, enc_mask)
+        rows = ("batch", None, None)   # the loop carry starts from broadcast (replicated) queries: pin it
+        enc = constrain(enc, rows)
+        x, _ = run_stack(self.layer, lambda layer, h, _: (constrain(layer(h, enc, enc_mask), rows), None),
+                         constrain(queries, rows), remat=self.remat)
         return x
 
 
@@ -115,7 +121,7 @@ class QFormerConnector(nnx.Module):
     """
 
     def __init__(self, cfg: QFormerConfig = QFormerConfig(), *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, scan_layers: bool = True, remat: str = "none"):
         if cfg.n_taps < 1 or cfg.n_queries < 1:
             raise ConfigError(f"QFormerConfig needs at least one tap and one query, got {cfg}")
         self.cfg, self.dtype = cfg, dtype
@@ -123,7 +129,8 @@ class QFormerConnector(nnx.Module):
         self.queries = param(init(rngs.params(), (cfg.n_taps, cfg.n_queries, cfg.hidden), param_dtype),
                              ("taps", "queries", "conn_embed"))
         self.layer_weights = param(jnp.zeros((cfg.n_queries, cfg.n_taps), param_dtype), ("queries", "taps"))
-        self.qformer = QFormerStack(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qformer = QFormerStack(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
+                                    remat=remat)
         self.proj_norm = LayerNorm(cfg.hidden, eps=cfg.proj_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.proj = Linear(cfg.hidden, cfg.llm_dim, axes=("conn_embed", "conn_embed"), use_bias=True,
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -152,17 +159,21 @@ class QFormerConnector(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 # Weight import from PyTorch (HF BertEncoder / DeSTA QformerConnector state dicts)
 
-def _bert_layer_table(prefix: str, layer: BertQFormerLayer) -> dict[str, tuple[nnx.Variable, bool]]:
-    """HF key -> (our variable, is a torch Linear weight that needs a transpose)."""
-    t: dict[str, tuple[nnx.Variable, bool]] = {}
+Target = tuple[nnx.Variable, bool, "int | None"]   # (our variable, transpose a torch Linear weight, layer slice)
+
+
+def _bert_layer_table(prefix: str, layer: BertQFormerLayer, index: int | None) -> dict[str, Target]:
+    """HF key -> (our variable, is a torch Linear weight that needs a transpose, slice of a stacked variable
+    (`index`) or None)."""
+    t: dict[str, Target] = {}
 
     def lin(key: str, mod: Linear):
-        t[f"{key}.weight"] = (mod.kernel, True)
-        t[f"{key}.bias"] = (mod.bias, False)
+        t[f"{key}.weight"] = (mod.kernel, True, index)
+        t[f"{key}.bias"] = (mod.bias, False, index)
 
     def ln(key: str, mod: LayerNorm):
-        t[f"{key}.weight"] = (mod.scale, False)
-        t[f"{key}.bias"] = (mod.bias, False)
+        t[f"{key}.weight"] = (mod.scale, False, index)
+        t[f"{key}.bias"] = (mod.bias, False, index)
 
     for hf, attn, norm in (("attention", layer.self_attn, layer.self_norm),
                            ("crossattention", layer.cross_attn, layer.cross_norm)):
@@ -176,21 +187,23 @@ def _bert_layer_table(prefix: str, layer: BertQFormerLayer) -> dict[str, tuple[n
     return t
 
 
-def _weight_table(module: QFormerStack | QFormerConnector) -> dict[str, tuple[nnx.Variable, bool]]:
+def _weight_table(module: QFormerStack | QFormerConnector) -> dict[str, Target]:
     if isinstance(module, QFormerStack):
-        table: dict[str, tuple[nnx.Variable, bool]] = {}
-        for i, layer in enumerate(module.layer):
-            table.update(_bert_layer_table(f"layer.{i}.", layer))
+        table: dict[str, Target] = {}
+        size = scanned_size(module.layer)
+        for i in range(stack_length(module.layer)):
+            layer, index = (module.layer, i) if size is not None else (module.layer[i], None)
+            table.update(_bert_layer_table(f"layer.{i}.", layer, index))
         return table
     if isinstance(module, QFormerConnector):
         table = {f"qformer.{k}": v for k, v in _weight_table(module.qformer).items()}
-        table["layer_weights"] = (module.layer_weights, False)
-        table["proj.0.weight"] = (module.proj_norm.scale, False)
-        table["proj.0.bias"] = (module.proj_norm.bias, False)
-        table["proj.1.weight"] = (module.proj.kernel, True)
-        table["proj.1.bias"] = (module.proj.bias, False)
+        table["layer_weights"] = (module.layer_weights, False, None)
+        table["proj.0.weight"] = (module.proj_norm.scale, False, None)
+        table["proj.0.bias"] = (module.proj_norm.bias, False, None)
+        table["proj.1.weight"] = (module.proj.kernel, True, None)
+        table["proj.1.bias"] = (module.proj.bias, False, None)
         for i in range(module.cfg.n_taps):
-            table[f"layer_prompts.{i}"] = (module.queries, False)  # handled per tap below
+            table[f"layer_prompts.{i}"] = (module.queries, False, i)  # `[1, queries, hidden]` -> queries[i]
         return table
     raise TypeError(f"expected QFormerStack or QFormerConnector, got {type(module).__name__}")
 
@@ -203,8 +216,9 @@ def load_bert_qformer_weights(module: QFormerStack | QFormerConnector, state_dic
     `QFormerConnector` takes DeSTA `QformerConnector` keys (`layer_prompts.{i}` `[1, queries, hidden]`,
     `layer_weights`, `qformer.layer.{i}...`, `proj.0.*` (LayerNorm), `proj.1.*` (Linear)). `prefix` is
     stripped from every key first (e.g. "perception.connector."); keys without it are ignored. Torch
-    Linear weights `[out, in]` are transposed to our `[in, out]`. Values may be torch tensors or arrays.
-    A missing, unexpected or mis-shaped key raises `WeightImportError` naming it.
+    Linear weights `[out, in]` are transposed to our `[in, out]`; layer i of a scanned stack is slice i of
+    its stacked parameters. Values may be torch tensors or arrays. A missing, unexpected or mis-shaped key
+    raises `WeightImportError` naming it.
     """
     table = _weight_table(module)
     given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -216,25 +230,27 @@ def load_bert_qformer_weights(module: QFormerStack | QFormerConnector, state_dic
     if unexpected:
         raise WeightImportError(f"Q-Former weights: unexpected key {prefix}{unexpected[0]} "
                                 f"({len(unexpected)} unexpected); check the config (layers, taps) and prefix")
-    queries = None
-    for key, (var, transpose) in table.items():
+    sliced: dict[int, tuple[nnx.Variable, np.ndarray]] = {}   # id(var) -> (var, host copy being filled)
+    for key, (var, transpose, index) in table.items():
         arr = _to_numpy(given[key])
-        if key.startswith("layer_prompts."):
-            i = int(key.split(".")[1])
-            if queries is None:
-                queries = np.array(var[...], dtype=np.float32)
-            want = (1, *queries.shape[1:])
-            if arr.shape != want:
-                raise WeightImportError(f"Q-Former weights: {prefix}{key} has shape {arr.shape}, expected {want}")
-            queries[i] = arr[0]
-            continue
+        if key.startswith("layer_prompts."):   # DeSTA's `[1, queries, hidden]` per tap
+            if arr.shape != (1, *var.shape[1:]):
+                raise WeightImportError(f"Q-Former weights: {prefix}{key} has shape {arr.shape}, expected "
+                                        f"{(1, *var.shape[1:])}")
+            arr = arr[0]
         arr = arr.T if transpose else arr
-        if arr.shape != var.shape:
+        want = tuple(var.shape) if index is None else tuple(var.shape[1:])
+        if arr.shape != want:
             raise WeightImportError(f"Q-Former weights: {prefix}{key} has shape {arr.shape} (after transpose: "
-                                    f"{transpose}), expected {var.shape}")
-        var.set_value(jnp.asarray(arr, dtype=var.dtype))
-    if queries is not None:
-        module.queries.set_value(jnp.asarray(queries, dtype=module.queries.dtype))
+                                    f"{transpose}), expected {want}")
+        if index is None:
+            var.set_value(jnp.asarray(arr, dtype=var.dtype))
+            continue
+        if id(var) not in sliced:
+            sliced[id(var)] = (var, np.array(var[...], dtype=np.float32))
+        sliced[id(var)][1][index] = arr
+    for var, host in sliced.values():
+        var.set_value(jnp.asarray(host, dtype=var.dtype))
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -247,20 +263,22 @@ class DestaConnector(Connector):
     """Registry kind `desta`: the DeSTA2.5 Q-Former on encoder 0's tapped states -> `[N, num_queries,
     llm_dim]` (a fixed count per clip, whatever its length)."""
     kind = "desta"
+    layer_stack = True
 
     @classmethod
     def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
         return TokenRule(fixed=cc.num_queries)
 
     def __init__(self, cc: ConnectorConfig, encoders: Sequence[EncoderInfo], llm_dim: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True, remat: str = "none"):
         enc = encoders[0]
         hidden = cc.hidden or enc.dim
         qcfg = QFormerConfig(taps=enc.taps, n_queries=cc.num_queries, hidden=hidden, heads=cc.num_heads,
                              intermediate=cc.intermediate or 4 * hidden, layers=cc.num_layers, enc_dim=enc.dim,
                              llm_dim=llm_dim, dropout=0.0, attention_dropout=0.0)
         self.encoder_taps = (enc.taps,)
-        self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
+                                    remat=remat)
 
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         return self.net(states[0])
