@@ -10,6 +10,8 @@
     alm export CKPT_DIR --format F --out DIR   llm | peft | qwen2-audio | bundle (alm_jax/export)
     alm import BUNDLE [--out CKPT_DIR]         rebuild a bundle's JAX model (and write it as a checkpoint)
     alm scale --config C --fractions F,... --out DIR (--budget steps-per-sample=K | --epochs E)   data-size study
+    alm compile CONFIG --topology v5p-64 [key=value...]   ahead-of-time compile of the train step for a TPU
+                                    slice (needs libtpu: the `tpu` extra); per-device memory, FLOPs, fit
     alm corpus verify|finalize DIR  check a corpus (sizes, sha256, records) / rebuild its manifest
     alm demo                        the main job on CPU with the bundled real models
 """
@@ -165,6 +167,24 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_compile(args) -> int:
+    import json
+
+    import jax
+
+    from alm_jax.config import load_config
+    from alm_jax.training.aot import compile_train_step, format_report, require_fit
+    jax.config.update("jax_platforms", "cpu")   # tracing runs here; the TPU slice is only the compile target
+    from alm_jax.weights.demo_models import resolve_demo_paths
+    cfg = resolve_demo_paths(load_config(args.config, args.overrides))
+    report = compile_train_step(cfg, args.topology)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    require_fit(report)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from alm_jax.demo import run_demo
     return run_demo(args)
@@ -195,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--distributed", default="auto", choices=["auto", "off", "explicit"],
                     help="multi-host initialization (auto-detects TPU, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS)")
     tr.set_defaults(func=_cmd_train)
+
+    comp = sub.add_parser("compile", help="compile the train step ahead of time for a TPU slice (from this machine; "
+                          "needs libtpu: pip install \"alm_jax[tpu]\") and report per-device memory and FLOPs")
+    comp.add_argument("config", help="YAML config file (see configs/)")
+    comp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64 mesh.fsdp=-1")
+    comp.add_argument("--topology", required=True, help="TPU slice: v5p-64, v6e-16, v5litepod-8, v4-32, or a "
+                      "topology such as v5p:2x4x4; mesh.dcn_data > 1 compiles for that many slices")
+    comp.add_argument("--json", help="also write the report as JSON to this file")
+    comp.set_defaults(func=_cmd_compile)
 
     ev = sub.add_parser("eval", help="evaluate trained checkpoints (restored weights, no optimizer), or score "
                         "benchmark predictions (`alm eval score ...`)")
