@@ -60,3 +60,17 @@ def test_every_shipped_config_loads():
     for p in configs:
         cfg = load_config(p)
         assert cfg.steps > 0, p
+
+
+def test_a_stored_config_from_before_scan_layers_rebuilds_unrolled_stacks():
+    """Runs and bundles saved before `model.scan_layers` existed hold per-layer (unrolled) parameters: their
+    config reads as scan_layers=false, and resuming one with today's default names the change."""
+    from alm_jax.config import ModelConfig, resume_config_changes, with_legacy_model_values
+    stored = to_dict(TrainConfig())
+    assert stored["model"]["scan_layers"] is True and TrainConfig().model.remat == "none"
+    del stored["model"]["scan_layers"]
+    assert from_dict(ModelConfig, with_legacy_model_values(stored["model"])).scan_layers is False
+    assert with_legacy_model_values({"scan_layers": True})["scan_layers"] is True
+    assert resume_config_changes(stored, to_dict(TrainConfig())) == {"model.scan_layers": (False, True)}
+    with pytest.raises(ConfigError, match="model.remat"):
+        load_config(None, ["model.remat=some"])
