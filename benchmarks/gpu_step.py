@@ -3,6 +3,8 @@
     python benchmarks/gpu_step.py                     # the full shape: needs a GPU/TPU with ~45 GB
     python benchmarks/gpu_step.py --tiny              # everything shrunk: proves the script on CPU (< 1 min)
     python benchmarks/gpu_step.py --batch 8 --text 300 --steps 10
+    python benchmarks/gpu_step.py --sampler           # the sampler's tokens/s on the Llama-3.1-8B shape
+                                                      # (batch 16 x 192-token prompts, 64 new tokens, greedy)
 
 Model (random weights, no checkpoint; frozen parts stored in bf16, the trainable connector in float32,
 compute in bf16): Whisper-large-v3-shaped encoder (32 blocks, d=1280, 20 heads, ffn 5120, 128 mel bins,
@@ -93,6 +95,37 @@ def make_batch(batch: int, text: int, queries: int, vocab: int, seconds: float, 
             "audio_samples": np.full((batch,), n, np.int32)}
 
 
+def sampler_tokens_per_s(shape: dict, dtype, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy `generation.sampler.generate` on a random-weight LLM of `shape["llm"]` (created on the device):
+    `batch` prompts of `prompt` random tokens, exactly `new_tokens` new tokens each (no EOS). Median of
+    `repeats` timed calls after one compiling call."""
+    import jax
+    from flax import nnx
+
+    from alm_jax.generation import sampler
+    from alm_jax.models.llm import DecoderLM, LLMConfig
+
+    lcfg = LLMConfig(**shape["llm"])
+    model = nnx.jit(lambda: DecoderLM(lcfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))()
+    ids = np.random.default_rng(0).integers(0, lcfg.vocab_size, size=(batch, prompt)).astype(np.int32)
+    cfg = sampler.SamplingConfig(max_new_tokens=new_tokens)
+
+    def run():
+        tokens, _ = sampler.generate(model, ids, None, cfg)
+        return jax.block_until_ready(tokens)
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    wall = float(np.median(times))
+    return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "seconds": wall,
+            "tokens_per_s": batch * new_tokens / wall, "compile_and_first_call_s": compile_s}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="shrink everything (runs on CPU in well under a minute)")
@@ -103,6 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--count-only", action="store_true",
                     help="only count the FLOPs per step (abstract model: no device memory) and the step time "
                          "each MFU level would need on an H100 SXM")
+    ap.add_argument("--sampler", action="store_true",
+                    help="time the sampler instead: greedy decoding on the LLM shape (random weights)")
+    ap.add_argument("--prompt", type=int, default=192, help="--sampler: prompt tokens per row")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--sampler: new tokens per row")
     args = ap.parse_args(argv)
 
     import jax
@@ -114,8 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
     from alm_jax.training.step import TrainState, alm_loss, build_train_step, make_optimizer, make_schedule
 
     shape = dict(TINY if args.tiny else FULL)
-    batch_size, text = args.batch or shape["batch"], args.text or shape["text"]
     dev = jax.devices()[0]
+    if args.sampler:
+        r = sampler_tokens_per_s(shape, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                                 args.batch or 16, args.prompt, args.new_tokens, max(args.steps // 3, 1))
+        print(f"device: {dev.platform} ({dev.device_kind})  |  sampler, {'tiny' if args.tiny else 'Llama-3.1-8B'} "
+              f"shape, {args.dtype}: batch {r['batch']} x {r['prompt']}-token prompts, {r['new_tokens']} new tokens: "
+              f"{r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s per call; compile + first call "
+              f"{r['compile_and_first_call_s']:.1f} s)")
+        return r
+    batch_size, text = args.batch or shape["batch"], args.text or shape["text"]
     t0 = time.perf_counter()
     model = build_model(shape, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, abstract=args.count_only)
     batch = make_batch(batch_size, text, shape["connector"]["num_queries"], shape["llm"]["vocab_size"],
