@@ -40,8 +40,8 @@ def run_dir(tiny, tmp_path_factory):
     return cfg, paths
 
 
-def _logits(model):
-    batch = make_batch(model, clips(2), [[10, 11, 12], [13, 14]], seq_len=16)
+def _logits(model, seq_len=16):
+    batch = make_batch(model, clips(2), [[10, 11, 12], [13, 14]], seq_len=seq_len)
     return np.asarray(nnx.jit(lambda m, b: m(b))(model, batch))
 
 
@@ -118,3 +118,36 @@ def test_formats_refuse_what_they_cannot_express(run_dir, tmp_path):
         export(run, "qwen2-audio", tmp_path / "q")
     with pytest.raises(ConfigError, match="choose one of"):
         export(run, "onnx", tmp_path / "o")
+
+
+def test_bundle_and_import_keep_batchnorm_statistics(tiny, tmp_path):
+    """An ALARM adapter with BatchNorm: the running statistics are part of what a run learned, so the bundle
+    carries them, `alm import --out` writes them back, and every reader serves in eval mode (same logits)."""
+    from alm_jax.cli import main
+    from alm_jax.config import to_dict
+    from alm_jax.export.bundle import load_bundle
+    from alm_jax.export.source import load_run
+    from alm_jax.models.alm import split_trainable
+    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.weights.alm_params import build_alm
+    paths = json.loads((tiny / "paths.json").read_text())
+    cfg = tiny_config(paths, tmp_path / "run", "model.connector.kind=alarm", "model.connector.adapter_dim=16",
+                      "model.connector.norm=batch", "model.encoders.0.tap_indexing=hf")
+    model = build_alm(cfg.model, seed=cfg.seed)
+    r = np.random.default_rng(1)
+    stats = nnx.state(model, nnx.BatchStat)
+    for _, var in nnx.to_flat_state(stats):
+        var.set_value(jnp.asarray(0.5 + r.random(var.shape), jnp.float32))
+    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
+    ckpt.save(3, {"trainable": split_trainable(model)[1], "model_state": stats}, force=True)
+    ckpt.close()
+    run = load_run(cfg.checkpoint.dir)
+    flat = lambda m: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.BatchStat))}  # noqa
+    want_stats, want = flat(model), _logits(run.model, 48)
+    assert len(want_stats) == 4 and all(np.array_equal(flat(run.model)[k], v) for k, v in want_stats.items())
+    assert main(["export", cfg.checkpoint.dir, "--format", "bundle", "--out", str(tmp_path / "b")]) == 0
+    _, bundled, _ = load_bundle(tmp_path / "b")
+    assert all(np.array_equal(flat(bundled)[k], v) for k, v in want_stats.items())
+    assert np.array_equal(_logits(bundled, 48), want)
+    assert main(["import", str(tmp_path / "b"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert np.array_equal(_logits(load_run(tmp_path / "ckpt").model, 48), want)

@@ -294,15 +294,49 @@ def test_flops_per_step_count_every_part(tiny, tmp_path):
     assert with_lora["train"] == _expected_tiny_flops()["train"] + 3 * lora
 
 
-@pytest.mark.parametrize("override,needle", [("model.connector.norm=batch", "connector.norm"),
-                                             ("model.lora.dropout=0.1", "lora.dropout")])
-def test_unsupported_training_state_is_refused(override, needle, tiny, tmp_path):
+def test_lora_dropout_is_refused_in_training(tiny, tmp_path):
     from alm_jax.errors import ConfigError
     from alm_jax.training.trainer import train
     cfg = tiny_config(_paths(tiny), tmp_path, "model.connector.kind=alarm", "model.connector.adapter_dim=16",
-                      "model.encoders.0.tap_indexing=hf", "model.lora.rank=4", override)
-    with pytest.raises(ConfigError, match=needle):
+                      "model.encoders.0.tap_indexing=hf", "model.lora.rank=4", "model.lora.dropout=0.1")
+    with pytest.raises(ConfigError, match="lora.dropout"):
         train(cfg)
+
+
+def test_batchnorm_statistics_train_resume_exactly_and_serve_eval(tiny, tmp_path):
+    """ALARM's Whisper adapter with BatchNorm: the running statistics move every training step, ride in the
+    checkpoint (a resumed run ends bit-identical to an uninterrupted one), and a restored run evaluates with
+    them without changing them."""
+    from flax import nnx
+
+    from alm_jax.export.source import load_run
+    from alm_jax.training.trainer import train
+    extra = ("model.connector.kind=alarm", "model.connector.adapter_dim=16", "model.connector.norm=batch",
+             "model.encoders.0.tap_indexing=hf", "steps=4", "checkpoint.every=2", "optim.warmup_steps=1",
+             "optim.total_steps=4", "data.max_text_tokens=64")
+    whole = train(tiny_config(_paths(tiny), tmp_path / "whole", *extra))
+    cfg = tiny_config(_paths(tiny), tmp_path / "split", *extra)
+    train(cfg, stop_after=2)
+    resumed = train(cfg)
+    assert resumed.losses == {k: v for k, v in whole.losses.items() if k > 2}
+
+    def stats(run_dir):
+        run = load_run(run_dir / "ckpt")
+        return run, {".".join(map(str, p)): np.asarray(v[...]) for p, v in
+                     nnx.to_flat_state(nnx.state(run.model, nnx.BatchStat))}
+    run, a = stats(tmp_path / "whole")
+    _, b = stats(tmp_path / "split")
+    assert len(a) == 4 and a.keys() == b.keys()   # two BatchNorms x (mean, var)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        fresh = 0.0 if k.endswith("mean") else 1.0
+        assert not np.allclose(a[k], fresh), k    # four training forwards moved them
+    from alm_jax.evaluation.loss import HeldOutLoss
+    HeldOutLoss(run.cfg, [str(tiny / "eval_corpus")], batches=1).run(run.model)
+    after = {".".join(map(str, p)): np.asarray(v[...]) for p, v in
+             nnx.to_flat_state(nnx.state(run.model, nnx.BatchStat))}
+    for k in a:
+        np.testing.assert_array_equal(after[k], a[k])   # eval mode reads them, never updates them
 
 
 @pytest.mark.slow

@@ -45,8 +45,10 @@ def unsupported(run: TrainedRun) -> str | None:
 
 
 def _flat_trainable(model: AudioLanguageModel) -> dict[str, Any]:
+    """What a run learned, by dotted path: the trainable parameters and the running statistics (BatchNorm)."""
     _, trainable, _ = split_trainable(model)
-    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(trainable)}
+    learned = nnx.merge_state(trainable, nnx.state(model, nnx.BatchStat))
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(learned)}
 
 
 def export(run: TrainedRun, out: str | Path, *, dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9,
@@ -144,7 +146,11 @@ def import_bundle(path: str | Path, out: str | Path | None = None) -> tuple[Audi
         run_cfg = dataclasses.replace(stored_cfg, model=cfg,
                                       checkpoint=dataclasses.replace(stored_cfg.checkpoint, dir=str(out)))
         ckpt = Checkpointer(out, async_save=False, config=to_dict(run_cfg))
-        ckpt.save(step, {"trainable": split_trainable(model)[1]}, force=True)
+        state = {"trainable": split_trainable(model)[1]}
+        stats = nnx.state(model, nnx.BatchStat)
+        if jax.tree.leaves(stats):
+            state["model_state"] = stats
+        ckpt.save(step, state, force=True)
         ckpt.close()
     return model, step
 
@@ -170,4 +176,5 @@ def load_bundle(path: str | Path, *, mesh=None) -> tuple[ModelConfig, AudioLangu
                                           f"{tuple(var.shape)}")
                 old = var[...]
                 var.set_value(jax.device_put(jnp.asarray(value, old.dtype), old.sharding))
+    model.eval()   # for inference: running statistics, no dropout
     return cfg, model, int(meta["step"])

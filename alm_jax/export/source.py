@@ -52,6 +52,7 @@ def load_run(directory: str | Path, step: int | None = None, *, overrides: Seque
         data = apply_override(data, override)
     cfg = resolve_demo_paths(from_dict(TrainConfig, data))
     model, step = restore_params(build_alm(cfg.model, seed=cfg.seed, mesh=mesh), directory, step)
+    model.eval()   # a trained run is for inference: running statistics, no dropout
     return TrainedRun(cfg=cfg, model=model, step=step, directory=Path(directory), stored_config=stored)
 
 

@@ -33,7 +33,8 @@ from alm_jax.errors import ConfigError
 from alm_jax.models.alm import split_trainable
 from alm_jax.sharding import batch_sharding, make_mesh, state_shardings
 from alm_jax.training.flops import one_sample, step_flops
-from alm_jax.training.step import TrainState, alm_loss, build_train_step, make_optimizer, make_schedule
+from alm_jax.training.step import (TrainState, alm_loss, build_train_step, make_optimizer, make_schedule,
+                                  split_model_state)
 from alm_jax.training.tpu_topology import TpuSlice, topology_devices, tpu_slice
 from alm_jax.weights.alm_params import abstract_alm
 
@@ -128,7 +129,9 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
                            else 0, mesh)
     flops = step_flops(model, one_sample(batch), cfg.data.batch_size)["train"]
     graphdef, trainable, frozen = split_trainable(model)
+    frozen, model_state = split_model_state(frozen)
     trainable, frozen = _with_shardings(trainable, mesh), _with_shardings(frozen, mesh)
+    model_state = _with_shardings(model_state, mesh)
     tx = make_optimizer(cfg.optim)
     opt_shapes = jax.eval_shape(tx.init, trainable)
     opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
@@ -136,7 +139,7 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
     opt_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if getattr(s, "mesh", None) == mesh
                                           else replicated), opt_shapes, opt_shardings)
-    state = TrainState(trainable, opt_state)
+    state = TrainState(trainable, opt_state, model_state)
     step_fn = build_train_step(graphdef, tx, alm_loss, grad_accum=cfg.optim.grad_accum,
                                schedule=make_schedule(cfg.optim))
     step_index = jax.ShapeDtypeStruct((), jnp.int32)

@@ -545,15 +545,21 @@ class PreemptionGuard:
 
 def restore_params(model, directory: str | Path, step: int | None = None):
     """`model` (an `AudioLanguageModel` built from the run's config) with its trained weights (connector +
-    LoRA) read from the training checkpoint in `directory` at `step` (None = latest), in place; no optimizer
+    LoRA, and BatchNorm running statistics when it has any) read from the training checkpoint in `directory` at `step` (None = latest), in place; no optimizer
     is built and the optimizer state is not read. Returns `(model, step)`."""
     from flax import nnx
 
     from alm_jax.models.alm import split_trainable
     _, trainable, _ = split_trainable(model)
+    stats = nnx.state(model, nnx.BatchStat)   # BatchNorm running statistics, saved as "model_state"
     reader = Checkpointer(directory, read_only=True)
-    step = reader._check_step(step)
-    restored, _ = reader.restore(step, abstract_with_shardings(trainable), only="trainable")
-    reader.close()
-    nnx.update(model, restored)
+    try:
+        step = reader._check_step(step)
+        restored, _ = reader.restore(step, abstract_with_shardings(trainable), only="trainable")
+        nnx.update(model, restored)
+        if jax.tree.leaves(stats):
+            restored, _ = reader.restore(step, abstract_with_shardings(stats), only="model_state")
+            nnx.update(model, restored)
+    finally:
+        reader.close()
     return model, step

@@ -45,14 +45,37 @@ def alm_loss(model, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
 
 @struct.dataclass
 class TrainState:
-    """What a training step updates: the trainable parameters (connector + LoRA, an `nnx.State`) and their
-    optimizer state. Frozen weights travel separately (never donated, never saved)."""
+    """What a training step updates: the trainable parameters (connector + LoRA, an `nnx.State`), their
+    optimizer state, and `model_state`, the model's running statistics (`nnx.BatchStat`: BatchNorm means and
+    variances, updated by every training forward, used in eval mode; an empty State when the model has none).
+    Frozen weights travel separately (never donated, never saved)."""
     trainable: Any
     opt_state: Any
+    model_state: Any = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The checkpointed form: `{"trainable", "opt_state"}`."""
-        return {"trainable": self.trainable, "opt_state": self.opt_state}
+        """The checkpointed form: `{"trainable", "opt_state"}`, plus `"model_state"` when there is one (so runs
+        without BatchNorm keep the layout older checkpoints have)."""
+        out = {"trainable": self.trainable, "opt_state": self.opt_state}
+        if has_leaves(self.model_state):
+            out["model_state"] = self.model_state
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], model_state: Any = None) -> "TrainState":
+        """The inverse of `as_dict`; `model_state` when `d` has none (an empty State)."""
+        return cls(d["trainable"], d["opt_state"], d.get("model_state", model_state))
+
+
+def has_leaves(tree: Any) -> bool:
+    return tree is not None and bool(jax.tree.leaves(tree))
+
+
+def split_model_state(frozen):
+    """`(frozen without running statistics, model_state)`: the `nnx.BatchStat` variables of a frozen-side
+    state (what `models.alm.split_trainable` returns) go to the train state, the rest stays frozen."""
+    model_state, rest = nnx.filter_state(frozen, nnx.BatchStat, ...)
+    return rest, model_state
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -90,35 +113,40 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, *, grad_accum: int = 1,
                      schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
     """Returns `step(state: TrainState, frozen, batch, step_index) -> (state, metrics)`, jitted (the state
-    donated unless `donate=False`).
+    donated unless `donate=False`). The model runs in training mode: BatchNorm normalizes with batch statistics
+    and `state.model_state` takes the updated running statistics (kept, like everything, on a skipped step).
 
     Gradients are summed over microbatches and divided by the total loss-token count, so accumulation
     over n microbatches equals one big batch exactly (up to float summation order). A non-finite loss or
     gradient norm skips the update (parameters and optimizer state unchanged) and reports `skipped=1`.
     """
 
-    def grads_of(trainable, frozen, mb):
+    def grads_of(trainable, frozen, model_state, mb):
         def f(tp):
-            model = nnx.merge(graphdef, tp, frozen)
+            # fresh Variables for the statistics, made at this trace level: the forward updates them
+            stats_in = [jax.tree.map(jnp.asarray, model_state)] if has_leaves(model_state) else []
+            model = nnx.merge(graphdef, tp, frozen, *stats_in)
             loss_sum, n_tok, aux = loss_fn(model, mb)
-            return loss_sum, (n_tok, aux)
-        (loss_sum, (n_tok, aux)), g = jax.value_and_grad(f, has_aux=True)(trainable)
-        return loss_sum, n_tok, g, aux
+            stats = nnx.state(model, nnx.BatchStat) if has_leaves(model_state) else model_state
+            return loss_sum, (n_tok, aux, stats)
+        (loss_sum, (n_tok, aux, stats)), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return loss_sum, n_tok, g, aux, stats
 
     def step(state: TrainState, frozen, batch, step_index):
-        trainable, opt_state = state.trainable, state.opt_state
+        trainable, opt_state, model_state = state.trainable, state.opt_state, state.model_state
         if grad_accum == 1:
-            loss_sum, n_tok, g, aux = grads_of(trainable, frozen, batch)
-        else:
+            loss_sum, n_tok, g, aux, new_stats = grads_of(trainable, frozen, model_state, batch)
+        else:   # running statistics see the microbatches in order, as separate forwards would
             mbs = split_microbatches(batch, grad_accum)
             zero = jax.tree.map(jnp.zeros_like, trainable)
 
             def body(carry, mb):
-                ls, nt, gs = carry
-                l, n, g, _ = grads_of(trainable, frozen, mb)
-                return (ls + l, nt + n, jax.tree.map(jnp.add, gs, g)), None
+                ls, nt, gs, ms = carry
+                l, n, g, _, ms = grads_of(trainable, frozen, ms, mb)
+                return (ls + l, nt + n, jax.tree.map(jnp.add, gs, g), ms), None
 
-            (loss_sum, n_tok, g), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zero), mbs)
+            (loss_sum, n_tok, g, new_stats), _ = jax.lax.scan(
+                body, (jnp.zeros(()), jnp.zeros(()), zero, model_state), mbs)
             aux = {}
         denom = jnp.maximum(n_tok, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
@@ -131,14 +159,17 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n_tok, "skipped": 1 - ok.astype(jnp.int32), **aux}
         if schedule is not None:
             metrics["lr"] = schedule(step_index)
-        return TrainState(keep(new_trainable, trainable), keep(new_opt, opt_state)), metrics
+        return TrainState(keep(new_trainable, trainable), keep(new_opt, opt_state), keep(new_stats, model_state)), metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
 def build_eval_step(graphdef, loss_fn: LossFn) -> Callable:
-    """`eval_step(trainable, frozen, batch) -> {'loss_sum', 'tokens'}`, jitted."""
+    """`eval_step(trainable, frozen, batch) -> {'loss_sum', 'tokens'}`, jitted; the model in eval mode
+    (running statistics, no dropout)."""
     def ev(trainable, frozen, batch):
-        loss_sum, n_tok, _ = loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+        model = nnx.merge(graphdef, trainable, frozen)
+        model.eval()
+        loss_sum, n_tok, _ = loss_fn(model, batch)
         return {"loss_sum": loss_sum, "tokens": n_tok}
     return jax.jit(ev)

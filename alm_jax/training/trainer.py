@@ -57,7 +57,6 @@ from alm_jax.config import (ModelConfig, TrainConfig, check_resume_changes, resu
 from alm_jax.data.multihost import build_batches, process_rows, to_global
 from alm_jax.errors import CheckpointError, ConfigError, DataError
 from alm_jax.models.alm import split_trainable
-from alm_jax.models.connectors import BatchNorm1d
 from alm_jax.sharding import host_scalars, mesh_from_config, place_on_mesh, state_shardings
 from alm_jax.training.checkpoint import (DIVERGED_DIR, Checkpointer, PreemptionGuard, ResumePoint,
                                          abstract_with_shardings, remove_entries, resolve_resume, set_aside,
@@ -65,7 +64,8 @@ from alm_jax.training.checkpoint import (DIVERGED_DIR, Checkpointer, PreemptionG
 from alm_jax.training.divergence import Divergence, DivergenceGuard
 from alm_jax.training.flops import one_sample, peak_flops_per_device, step_flops
 from alm_jax.training.metrics import MetricsAggregator, MetricsLogger, StepTimer
-from alm_jax.training.step import TrainState, alm_loss, build_train_step, make_optimizer, make_schedule
+from alm_jax.training.step import (TrainState, alm_loss, build_train_step, make_optimizer, make_schedule,
+                                  split_model_state)
 from alm_jax.weights.alm_params import build_alm
 
 
@@ -81,11 +81,8 @@ class TrainResult:
 
 
 def refuse_untracked_state(cfg: ModelConfig, model) -> None:
-    """The functional step carries params and optimizer state only: per-step mutable state (BatchNorm
-    running statistics, dropout RNG counters) would be silently frozen, so refuse it up front."""
-    if any(isinstance(m, BatchNorm1d) for _, m in nnx.iter_graph(model.connector)):
-        raise ConfigError("model.connector.norm=batch is not supported in training yet (the train step does not "
-                          "carry BatchNorm running statistics); use model.connector.norm=layer")
+    """The functional step carries params, optimizer state and running statistics (BatchNorm); dropout RNG
+    counters would be silently frozen (the same mask every step), so refuse dropout up front."""
     if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
         raise ConfigError("model.lora.dropout > 0 is not supported in training yet (the train step does not "
                           "advance dropout RNG state); set model.lora.dropout=0")
@@ -175,7 +172,7 @@ def _restore(plan: _ResumePlan, state: TrainState, data_iter) -> tuple[TrainStat
         raise CheckpointError(f"{e}{hint}") from e
     finally:
         reader.close()
-    return TrainState(saved["trainable"], saved["opt_state"]), point.step
+    return TrainState.from_dict(saved, state.model_state), point.step
 
 
 def _sync(name: str) -> None:
@@ -251,7 +248,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
     model = build_alm(cfg.model, mesh=mesh, seed=cfg.seed)
     refuse_untracked_state(cfg.model, model)
     graphdef, trainable, frozen = split_trainable(model)
-    del model   # its arrays live on in (trainable, frozen)
+    frozen, model_state = split_model_state(frozen)   # BatchNorm running statistics ride in the train state
+    del model   # its arrays live on in (trainable, model_state, frozen)
     trainable = jax.device_put(trainable, state_shardings(trainable, mesh))
 
     # ---- data
@@ -261,7 +259,7 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
 
     # ---- optimizer, step, restore
     tx = make_optimizer(cfg.optim)
-    state = TrainState(trainable, place_on_mesh(jax.jit(tx.init)(trainable), mesh))
+    state = TrainState(trainable, place_on_mesh(jax.jit(tx.init)(trainable), mesh), model_state)
     step_fn = build_train_step(graphdef, tx, alm_loss, grad_accum=cfg.optim.grad_accum,
                                schedule=make_schedule(cfg.optim))
     state, start = _restore(plan, state, data_iter)
@@ -306,7 +304,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
                 stopped_by = "data_exhausted"
                 break
             if agg is None:   # FLOPs need the batch shapes: count them once, at the first batch
-                flops_per_step = step_flops(nnx.merge(graphdef, state.trainable, frozen), one_sample(batch),
+                flops_per_step = step_flops(nnx.merge(graphdef, state.trainable, frozen, state.model_state),
+                                            one_sample(batch),
                                             cfg.data.batch_size)["train"]
                 agg = MetricsAggregator(flops_per_step=flops_per_step, num_devices=jax.device_count(),
                                         peak_flops_per_device=peak_flops_per_device())
@@ -328,7 +327,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
                     skipped=skipped, bad_samples=bad_deltas())
             row: dict[str, Any] = {}
             if evaluators and step % cfg.eval.every == 0:
-                evaluated = nnx.merge(graphdef, state.trainable, frozen)
+                evaluated = nnx.merge(graphdef, state.trainable, frozen, state.model_state)
+                evaluated.eval()   # running statistics, no dropout; evaluators never update the train state
                 for ev in evaluators:
                     row.update(ev.run(evaluated))
                 host.update(row)
