@@ -48,6 +48,7 @@ class ConnectorConfig:
     norm: Literal["layer", "batch"] = "layer"
     perceiver_latents: int = 20
     mapper_tokens: int = 40
+    dropout: float = 0.0     # connector dropout in training (DeSTA's Q-Former: BERT's 0.1; ALARM-CA fusion: 0.1)
 
 
 @dataclasses.dataclass(frozen=True)

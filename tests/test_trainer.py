@@ -303,40 +303,43 @@ def test_lora_dropout_is_refused_in_training(tiny, tmp_path):
         train(cfg)
 
 
-def test_batchnorm_statistics_train_resume_exactly_and_serve_eval(tiny, tmp_path):
-    """ALARM's Whisper adapter with BatchNorm: the running statistics move every training step, ride in the
-    checkpoint (a resumed run ends bit-identical to an uninterrupted one), and a restored run evaluates with
-    them without changing them."""
+@pytest.mark.parametrize("extra", [
+    ("model.connector.kind=alarm", "model.connector.adapter_dim=16", "model.connector.norm=batch",
+     "model.encoders.0.tap_indexing=hf", "data.max_text_tokens=64"),
+    ("model.connector.dropout=0.1",)], ids=["alarm-batchnorm", "desta-dropout"])
+def test_running_state_trains_resumes_exactly_and_serves_eval(extra, tiny, tmp_path):
+    """What a training forward updates besides the weights (`RUNNING_STATE`: ALARM's BatchNorm statistics, the
+    Q-Former's dropout RNG counters) moves every step, rides in the checkpoint (a resumed run ends bit-identical
+    to an uninterrupted one, dropout masks included), and a restored run evaluates with it in eval mode without
+    changing it."""
     from flax import nnx
 
+    from alm_jax.evaluation.loss import HeldOutLoss
     from alm_jax.export.source import load_run
+    from alm_jax.models.alm import RUNNING_STATE
     from alm_jax.training.trainer import train
-    extra = ("model.connector.kind=alarm", "model.connector.adapter_dim=16", "model.connector.norm=batch",
-             "model.encoders.0.tap_indexing=hf", "steps=4", "checkpoint.every=2", "optim.warmup_steps=1",
-             "optim.total_steps=4", "data.max_text_tokens=64")
+    from alm_jax.weights.alm_params import build_alm
+    extra = (*extra, "steps=4", "checkpoint.every=2", "optim.warmup_steps=1", "optim.total_steps=4")
     whole = train(tiny_config(_paths(tiny), tmp_path / "whole", *extra))
     cfg = tiny_config(_paths(tiny), tmp_path / "split", *extra)
     train(cfg, stop_after=2)
     resumed = train(cfg)
     assert resumed.losses == {k: v for k, v in whole.losses.items() if k > 2}
 
-    def stats(run_dir):
-        run = load_run(run_dir / "ckpt")
-        return run, {".".join(map(str, p)): np.asarray(v[...]) for p, v in
-                     nnx.to_flat_state(nnx.state(run.model, nnx.BatchStat))}
-    run, a = stats(tmp_path / "whole")
-    _, b = stats(tmp_path / "split")
-    assert len(a) == 4 and a.keys() == b.keys()   # two BatchNorms x (mean, var)
+    def running(model):
+        return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, RUNNING_STATE))}
+    run = load_run(tmp_path / "whole" / "ckpt")
+    a, b = running(run.model), running(load_run(tmp_path / "split" / "ckpt").model)
+    fresh = running(build_alm(cfg.model, seed=cfg.seed))
+    assert a and a.keys() == b.keys() == fresh.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-        fresh = 0.0 if k.endswith("mean") else 1.0
-        assert not np.allclose(a[k], fresh), k    # four training forwards moved them
-    from alm_jax.evaluation.loss import HeldOutLoss
-    HeldOutLoss(run.cfg, [str(tiny / "eval_corpus")], batches=1).run(run.model)
-    after = {".".join(map(str, p)): np.asarray(v[...]) for p, v in
-             nnx.to_flat_state(nnx.state(run.model, nnx.BatchStat))}
+        assert not np.array_equal(a[k], fresh[k]), k    # four training forwards moved every entry
+    ev = HeldOutLoss(run.cfg, [str(tiny / "eval_corpus")], batches=1)
+    assert ev.run(run.model) == ev.run(run.model)        # eval mode: no dropout, running statistics
+    after = running(run.model)
     for k in a:
-        np.testing.assert_array_equal(after[k], a[k])   # eval mode reads them, never updates them
+        np.testing.assert_array_equal(after[k], a[k])   # read, never updated
 
 
 @pytest.mark.slow

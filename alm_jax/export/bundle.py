@@ -32,7 +32,7 @@ from alm_jax.export.llm import copy_side_files
 from alm_jax.export.model_card import model_card
 from alm_jax.export.source import TrainedRun, host_array
 from alm_jax.export.writer import ShardedSafetensorsWriter
-from alm_jax.models.alm import AudioLanguageModel, split_trainable
+from alm_jax.models.alm import RUNNING_STATE, AudioLanguageModel, split_trainable
 from alm_jax.weights.alm_params import build_alm
 from alm_jax.weights.hf_import import open_safetensors
 
@@ -47,7 +47,7 @@ def unsupported(run: TrainedRun) -> str | None:
 def _flat_trainable(model: AudioLanguageModel) -> dict[str, Any]:
     """What a run learned, by dotted path: the trainable parameters and the running statistics (BatchNorm)."""
     _, trainable, _ = split_trainable(model)
-    learned = nnx.merge_state(trainable, nnx.state(model, nnx.BatchStat))
+    learned = nnx.merge_state(trainable, nnx.state(model, RUNNING_STATE))
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(learned)}
 
 
@@ -147,7 +147,7 @@ def import_bundle(path: str | Path, out: str | Path | None = None) -> tuple[Audi
                                       checkpoint=dataclasses.replace(stored_cfg.checkpoint, dir=str(out)))
         ckpt = Checkpointer(out, async_save=False, config=to_dict(run_cfg))
         state = {"trainable": split_trainable(model)[1]}
-        stats = nnx.state(model, nnx.BatchStat)
+        stats = nnx.state(model, RUNNING_STATE)
         if jax.tree.leaves(stats):
             state["model_state"] = stats
         ckpt.save(step, state, force=True)

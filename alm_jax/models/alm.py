@@ -209,6 +209,11 @@ TRAINABLE = nnx.Any(nnx.All(nnx.Param, nnx.PathContains("connector")), nnx.LoRAP
 """Connector parameters and LoRA adapters. Everything else (encoders, LLM base weights) is frozen."""
 
 
+RUNNING_STATE = nnx.Any(nnx.BatchStat, nnx.RngCount)
+"""What a training forward updates besides the weights: BatchNorm running statistics and dropout RNG counters
+(the keys stay fixed). The train step carries it, the checkpoint saves it (`model_state`)."""
+
+
 def split_trainable(model: AudioLanguageModel):
     """`(graphdef, trainable_state, frozen_state)` for the train step."""
     return nnx.split(model, TRAINABLE, ...)

@@ -549,9 +549,9 @@ def restore_params(model, directory: str | Path, step: int | None = None):
     is built and the optimizer state is not read. Returns `(model, step)`."""
     from flax import nnx
 
-    from alm_jax.models.alm import split_trainable
+    from alm_jax.models.alm import RUNNING_STATE, split_trainable
     _, trainable, _ = split_trainable(model)
-    stats = nnx.state(model, nnx.BatchStat)   # BatchNorm running statistics, saved as "model_state"
+    stats = nnx.state(model, RUNNING_STATE)   # BatchNorm statistics + dropout counters, saved as "model_state"
     reader = Checkpointer(directory, read_only=True)
     try:
         step = reader._check_step(step)

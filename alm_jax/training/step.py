@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from alm_jax.config import OptimConfig
 from alm_jax.errors import ConfigError
+from alm_jax.models.alm import RUNNING_STATE
 
 Batch = dict[str, jax.Array]
 # loss_fn(model, batch) -> (sum of per-token losses, number of loss tokens, aux metrics dict)
@@ -46,8 +47,9 @@ def alm_loss(model, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
 @struct.dataclass
 class TrainState:
     """What a training step updates: the trainable parameters (connector + LoRA, an `nnx.State`), their
-    optimizer state, and `model_state`, the model's running statistics (`nnx.BatchStat`: BatchNorm means and
-    variances, updated by every training forward, used in eval mode; an empty State when the model has none).
+    optimizer state, and `model_state`, what a training forward updates (`models.alm.RUNNING_STATE`: BatchNorm
+    running statistics, used in eval mode, and dropout RNG counters, so each step draws new masks and a resumed
+    run draws the same ones; an empty State when the model has neither).
     Frozen weights travel separately (never donated, never saved)."""
     trainable: Any
     opt_state: Any
@@ -72,9 +74,10 @@ def has_leaves(tree: Any) -> bool:
 
 
 def split_model_state(frozen):
-    """`(frozen without running statistics, model_state)`: the `nnx.BatchStat` variables of a frozen-side
-    state (what `models.alm.split_trainable` returns) go to the train state, the rest stays frozen."""
-    model_state, rest = nnx.filter_state(frozen, nnx.BatchStat, ...)
+    """`(frozen without running state, model_state)`: the `models.alm.RUNNING_STATE` variables of a frozen-side
+    state (what `models.alm.split_trainable` returns: BatchNorm statistics, dropout RNG counters) go to the
+    train state, the rest stays frozen."""
+    model_state, rest = nnx.filter_state(frozen, RUNNING_STATE, ...)
     return rest, model_state
 
 
@@ -123,11 +126,12 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
 
     def grads_of(trainable, frozen, model_state, mb):
         def f(tp):
-            # fresh Variables for the statistics, made at this trace level: the forward updates them
+            # fresh Variables (same arrays) made at this trace level: the forward writes the running state, and a
+            # scanned stack writes its dropout streams (keys unchanged) back into the frozen side
             stats_in = [jax.tree.map(jnp.asarray, model_state)] if has_leaves(model_state) else []
-            model = nnx.merge(graphdef, tp, frozen, *stats_in)
+            model = nnx.merge(graphdef, tp, jax.tree.map(lambda x: x, frozen), *stats_in)
             loss_sum, n_tok, aux = loss_fn(model, mb)
-            stats = nnx.state(model, nnx.BatchStat) if has_leaves(model_state) else model_state
+            stats = nnx.state(model, RUNNING_STATE) if has_leaves(model_state) else model_state
             return loss_sum, (n_tok, aux, stats)
         (loss_sum, (n_tok, aux, stats)), g = jax.value_and_grad(f, has_aux=True)(trainable)
         return loss_sum, n_tok, g, aux, stats

@@ -98,7 +98,7 @@ class AlarmCAConnector(_AlarmFamily):
         adapters = [self._adapter(cc, e, llm_dim, kw) for e in encoders]
         d = cc.hidden or cc.adapter_dim
         self.fusion = CrossAttentionFusion(CrossAttentionFusionConfig(
-            llm_dim=llm_dim, d=d, heads=cc.num_heads, ffn=cc.intermediate or 4 * d, dropout=0.0,
+            llm_dim=llm_dim, d=d, heads=cc.num_heads, ffn=cc.intermediate or 4 * d, dropout=cc.dropout,
             layers_per_stream=(cc.num_layers,) * (len(encoders) - 1)), **kw)
         self._finish(adapters, encoders, len(encoders), llm_dim, kw)
 

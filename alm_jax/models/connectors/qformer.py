@@ -275,7 +275,7 @@ class DestaConnector(Connector):
         hidden = cc.hidden or enc.dim
         qcfg = QFormerConfig(taps=enc.taps, n_queries=cc.num_queries, hidden=hidden, heads=cc.num_heads,
                              intermediate=cc.intermediate or 4 * hidden, layers=cc.num_layers, enc_dim=enc.dim,
-                             llm_dim=llm_dim, dropout=0.0, attention_dropout=0.0)
+                             llm_dim=llm_dim, dropout=cc.dropout, attention_dropout=cc.dropout)
         self.encoder_taps = (enc.taps,)
         self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
                                     remat=remat)
