@@ -24,12 +24,9 @@ def paths(tiny):
 def _checkpoint(cfg, step, seed):
     """A checkpoint as `alm train` writes it (run config + trainable state), connector drawn with `seed`."""
     from alm_jax.config import to_dict
-    from alm_jax.models.alm import split_trainable
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(step, {"trainable": split_trainable(build_alm(cfg.model, seed=seed))[1]}, force=True)
-    ckpt.close()
+    save_trained(build_alm(cfg.model, seed=seed), cfg.checkpoint.dir, step, to_dict(cfg))
 
 
 def test_markdown_table():

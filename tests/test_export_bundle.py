@@ -6,7 +6,6 @@ cannot express a run refuse it naming those that can."""
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,9 +19,8 @@ from tiny_setup import tiny_config
 def run_dir(tiny, tmp_path_factory):
     """A tiny desta + LoRA run with random (non-zero) trained weights, checkpointed at step 7, with a logged eval."""
     from alm_jax.config import to_dict
-    from alm_jax.models.alm import split_trainable
     from alm_jax.models.lora import lora_layers
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     paths = json.loads((tiny / "paths.json").read_text())
     root = tmp_path_factory.mktemp("run")
@@ -31,9 +29,7 @@ def run_dir(tiny, tmp_path_factory):
     r = np.random.default_rng(0)
     for _, layer in lora_layers(model):
         layer.lora_b.set_value(jnp.asarray(0.05 * r.standard_normal(layer.lora_b.shape), jnp.float32))
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(7, {"trainable": split_trainable(model)[1]}, force=True)
-    ckpt.close()
+    save_trained(model, cfg.checkpoint.dir, 7, to_dict(cfg))
     (root / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/loss": 3.25}) + "\n"
                                         + json.dumps({"step": 7, "eval/loss": 2.5, "eval/hallucination/accuracy": 61.5})
                                         + "\n")
@@ -127,8 +123,7 @@ def test_bundle_and_import_keep_batchnorm_statistics(tiny, tmp_path):
     from alm_jax.config import to_dict
     from alm_jax.export.bundle import load_bundle
     from alm_jax.export.source import load_run
-    from alm_jax.models.alm import split_trainable
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     paths = json.loads((tiny / "paths.json").read_text())
     cfg = tiny_config(paths, tmp_path / "run", "model.connector.kind=alarm", "model.connector.adapter_dim=16",
@@ -138,9 +133,7 @@ def test_bundle_and_import_keep_batchnorm_statistics(tiny, tmp_path):
     stats = nnx.state(model, nnx.BatchStat)
     for _, var in nnx.to_flat_state(stats):
         var.set_value(jnp.asarray(0.5 + r.random(var.shape), jnp.float32))
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(3, {"trainable": split_trainable(model)[1], "model_state": stats}, force=True)
-    ckpt.close()
+    save_trained(model, cfg.checkpoint.dir, 3, to_dict(cfg))
     run = load_run(cfg.checkpoint.dir)
     flat = lambda m: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.BatchStat))}  # noqa
     want_stats, want = flat(model), _logits(run.model, 48)

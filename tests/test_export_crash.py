@@ -41,18 +41,15 @@ os._exit(0 if point == "none" else 3)
 @pytest.fixture(scope="module")
 def ckpt(tiny, tmp_path_factory):
     from alm_jax.config import to_dict
-    from alm_jax.models.alm import split_trainable
     from alm_jax.models.lora import lora_layers
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     cfg = tiny_config(json.loads((tiny / "paths.json").read_text()), tmp_path_factory.mktemp("run"),
                       "model.lora.rank=2")
     model = build_alm(cfg.model, seed=cfg.seed)
     for _, layer in lora_layers(model):
         layer.lora_b.set_value(jnp.full(layer.lora_b.shape, 0.02, jnp.float32))
-    c = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    c.save(2, {"trainable": split_trainable(model)[1]}, force=True)
-    c.close()
+    save_trained(model, cfg.checkpoint.dir, 2, to_dict(cfg))
     return cfg.checkpoint.dir
 
 

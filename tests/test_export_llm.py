@@ -50,15 +50,12 @@ def _randomize_lora(model, seed: int) -> None:
 def _save_run(paths: dict, root, *overrides: str) -> str:
     """A checkpoint as `alm train` writes it (run config + trainable state, LoRA randomized); its directory."""
     from alm_jax.config import to_dict
-    from alm_jax.models.alm import split_trainable
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     cfg = tiny_config(paths, root, *overrides)
     model = build_alm(cfg.model, seed=cfg.seed)
     _randomize_lora(model, seed=5)
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(3, {"trainable": split_trainable(model)[1]}, force=True)
-    ckpt.close()
+    save_trained(model, cfg.checkpoint.dir, 3, to_dict(cfg))
     return cfg.checkpoint.dir
 
 

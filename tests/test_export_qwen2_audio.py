@@ -20,7 +20,7 @@ from flax import nnx
 
 from alm_jax.config import ConnectorConfig, EncoderConfig, load_config
 from alm_jax.errors import ConfigError
-from alm_jax.models.alm import AudioLanguageModel, split_trainable
+from alm_jax.models.alm import AudioLanguageModel
 from alm_jax.models.connectors import CONNECTORS, EncoderInfo, connector_token_rule
 from alm_jax.models.connectors.qwen2_audio import PooledTokenRule, Qwen2AudioConnector
 from alm_jax.models.lora import lora_layers, lora_per_layer
@@ -168,7 +168,7 @@ def _config(llm_dir, wh_dir, run_dir, *extra):
 def _save_run(cfg, step: int = 7):
     """A checkpoint as `alm train` writes it, with a random connector (LayerNorm too) and non-zero LoRA B."""
     from alm_jax.config import to_dict
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     model = build_alm(cfg.model, seed=3)
     r = np.random.default_rng(5)
@@ -177,9 +177,7 @@ def _save_run(cfg, step: int = 7):
         var[...] = jnp.asarray(base + 0.3 * r.standard_normal(var.shape), var.dtype)
     for _, layer in lora_layers(model.llm):
         layer.lora_b[...] = jnp.asarray(0.2 * r.standard_normal(layer.lora_b.shape), jnp.float32)
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(step, {"trainable": split_trainable(model)[1]}, force=True)
-    ckpt.close()
+    save_trained(model, cfg.checkpoint.dir, step, to_dict(cfg))
 
 
 @pytest.fixture(scope="module")

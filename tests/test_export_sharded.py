@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from tiny_setup import tiny_config
@@ -31,18 +30,15 @@ def test_sharded_export_equals_single_device_export(tiny, tmp_path):
     from alm_jax.config import to_dict
     from alm_jax.export.formats import export
     from alm_jax.export.source import load_run
-    from alm_jax.models.alm import split_trainable
     from alm_jax.models.lora import lora_layers
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     from alm_jax.weights.alm_params import build_alm
     paths = json.loads((tiny / "paths.json").read_text())
     cfg = tiny_config(paths, tmp_path / "run", "model.lora.rank=2")
     model = build_alm(cfg.model, seed=cfg.seed)
     for _, layer in lora_layers(model):
         layer.lora_b.set_value(jnp.full(layer.lora_b.shape, 0.01, jnp.float32))
-    ckpt = Checkpointer(cfg.checkpoint.dir, async_save=False, config=to_dict(cfg))
-    ckpt.save(3, {"trainable": split_trainable(model)[1]}, force=True)
-    ckpt.close()
+    save_trained(model, cfg.checkpoint.dir, 3, to_dict(cfg))
     run = load_run(cfg.checkpoint.dir)
     for fmt in ("llm", "bundle"):
         export(run, fmt, tmp_path / "one" / fmt, max_shard_bytes=50_000)

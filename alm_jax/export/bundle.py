@@ -45,7 +45,7 @@ def unsupported(run: TrainedRun) -> str | None:
 
 
 def _flat_trainable(model: AudioLanguageModel) -> dict[str, Any]:
-    """What a run learned, by dotted path: the trainable parameters and the running statistics (BatchNorm)."""
+    """What a run learned, by dotted path: the trainable parameters and the running state (`RUNNING_STATE`)."""
     _, trainable, _ = split_trainable(model)
     learned = nnx.merge_state(trainable, nnx.state(model, RUNNING_STATE))
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(learned)}
@@ -137,7 +137,7 @@ def import_bundle(path: str | Path, out: str | Path | None = None) -> tuple[Audi
     """`alm import`: rebuild the bundle's model (every key checked); with `out`, write it as a checkpoint
     directory (run config + trained weights at the bundle's step) that `alm eval` and `alm export` read."""
     from alm_jax.config import TrainConfig
-    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.training.checkpoint import save_trained
     cfg, model, step = load_bundle(path)
     if out is not None:
         run_cfg = TrainConfig(model=cfg)
@@ -145,13 +145,7 @@ def import_bundle(path: str | Path, out: str | Path | None = None) -> tuple[Audi
         stored_cfg = from_dict(TrainConfig, stored) if stored else run_cfg
         run_cfg = dataclasses.replace(stored_cfg, model=cfg,
                                       checkpoint=dataclasses.replace(stored_cfg.checkpoint, dir=str(out)))
-        ckpt = Checkpointer(out, async_save=False, config=to_dict(run_cfg))
-        state = {"trainable": split_trainable(model)[1]}
-        stats = nnx.state(model, RUNNING_STATE)
-        if jax.tree.leaves(stats):
-            state["model_state"] = stats
-        ckpt.save(step, state, force=True)
-        ckpt.close()
+        save_trained(model, out, step, to_dict(run_cfg))
     return model, step
 
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alm_jax.audio.features import num_frames
@@ -166,8 +165,7 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        params={"trainable": count(nnx.to_pure_dict(trainable) if isinstance(trainable, nnx.State) else trainable),
-                "frozen": count(frozen)},
+        params={"trainable": count(trainable), "frozen": count(frozen)},
         model_flops_per_step=int(flops),
         compiled_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
         peak_flops_per_device=spec.peak_flops, lower_seconds=t1 - t0, compile_seconds=t2 - t1)

@@ -544,9 +544,10 @@ class PreemptionGuard:
 
 
 def restore_params(model, directory: str | Path, step: int | None = None):
-    """`model` (an `AudioLanguageModel` built from the run's config) with its trained weights (connector +
-    LoRA, and BatchNorm running statistics when it has any) read from the training checkpoint in `directory` at `step` (None = latest), in place; no optimizer
-    is built and the optimizer state is not read. Returns `(model, step)`."""
+    """`model` (an `AudioLanguageModel` built from the run's config) with what its run learned (connector +
+    LoRA weights, and the running state `models.alm.RUNNING_STATE` when it has one) read from the training
+    checkpoint in `directory` at `step` (None = latest), in place; no optimizer is built and the optimizer state
+    is not read. Returns `(model, step)`."""
     from flax import nnx
 
     from alm_jax.models.alm import RUNNING_STATE, split_trainable
@@ -563,3 +564,21 @@ def restore_params(model, directory: str | Path, step: int | None = None):
     finally:
         reader.close()
     return model, step
+
+
+def save_trained(model, directory: str | Path, step: int, config: Mapping | None = None) -> None:
+    """The inverse of `restore_params`: writes what `model` learned (connector + LoRA weights, and its running
+    state when it has one) as step `step` of a checkpoint directory that `restore_params` / `alm eval` /
+    `alm export` read, with the run `config` (a dict) when given. No optimizer state."""
+    from flax import nnx
+
+    from alm_jax.models.alm import RUNNING_STATE, split_trainable
+    state = {"trainable": split_trainable(model)[1]}
+    running = nnx.state(model, RUNNING_STATE)
+    if jax.tree.leaves(running):
+        state["model_state"] = running
+    ckpt = Checkpointer(directory, async_save=False, config=config)
+    try:
+        ckpt.save(step, state, force=True)
+    finally:
+        ckpt.close()

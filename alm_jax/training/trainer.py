@@ -81,11 +81,12 @@ class TrainResult:
 
 
 def refuse_untracked_state(cfg: ModelConfig, model) -> None:
-    """The functional step carries params, optimizer state and running statistics (BatchNorm); dropout RNG
-    counters would be silently frozen (the same mask every step), so refuse dropout up front."""
+    """The step carries params, optimizer state and the running state (BatchNorm statistics, connector dropout
+    counters); LoRA dropout is refused up front (a scanned layer stack cannot hold it, and an unrolled one has
+    not been checked for exact resume yet)."""
     if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
-        raise ConfigError("model.lora.dropout > 0 is not supported in training yet (the train step does not "
-                          "advance dropout RNG state); set model.lora.dropout=0")
+        raise ConfigError("model.lora.dropout > 0 is not supported in training yet (LoRA dropout streams are not "
+                          "carried through scanned layer stacks); set model.lora.dropout=0")
 
 
 def _want_sync(cfg: TrainConfig) -> bool:

@@ -63,12 +63,16 @@ def build_alm(cfg: ModelConfig, *, mesh=None, seed: int = 0) -> AudioLanguageMod
         scan_kw = dict(scan_layers=cfg.scan_layers) if e.kind in SCANNED_ENCODERS else {}
         encoders.append(ENCODER_LOADERS[e.kind](model_dir(e.path, f"model.encoders.{i}.path"), dtype=dtype, mesh=mesh,
                                                 **scan_kw))
-    rngs = nnx.Rngs(seed)
+    return _assemble(cfg, llm, encoders, nnx.Rngs(seed))
+
+
+def _assemble(cfg: ModelConfig, llm: DecoderLM, encoders: list, rngs: nnx.Rngs) -> AudioLanguageModel:
+    """LoRA on `llm` if configured, and the fresh float32 connector between `encoders` and it."""
     if cfg.lora.rank > 0:
         apply_lora(llm, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_regex=cfg.lora.target, rngs=rngs)
-    return AudioLanguageModel(encoders, llm, cfg.connector, cfg.encoders, dtype=dtype, param_dtype=jnp.float32,
-                              rngs=rngs, scan_layers=cfg.scan_layers, remat=cfg.remat)
+    return AudioLanguageModel(encoders, llm, cfg.connector, cfg.encoders, dtype=DTYPES[cfg.dtype],
+                              param_dtype=jnp.float32, rngs=rngs, scan_layers=cfg.scan_layers, remat=cfg.remat)
 
 
 # EncoderConfig.kind -> (config.json dict, dtype, rngs, scan_layers) -> a randomly initialised encoder of that
@@ -102,10 +106,6 @@ def abstract_alm(cfg: ModelConfig, *, seed: int = 0) -> AudioLanguageModel:
                         scan_layers=cfg.scan_layers, remat=cfg.remat)
         encoders = [ENCODER_BUILDERS[e.kind](j, dtype, rngs, cfg.scan_layers)
                     for e, j in zip(cfg.encoders, encoder_jsons)]
-        if cfg.lora.rank > 0:
-            apply_lora(llm, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                       target_regex=cfg.lora.target, rngs=rngs)
-        return AudioLanguageModel(encoders, llm, cfg.connector, cfg.encoders, dtype=dtype,
-                                  param_dtype=jnp.float32, rngs=rngs, scan_layers=cfg.scan_layers, remat=cfg.remat)
+        return _assemble(cfg, llm, encoders, rngs)
 
     return nnx.eval_shape(build)
