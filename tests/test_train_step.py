@@ -138,3 +138,43 @@ def test_indivisible_microbatches_error():
     from alm_jax.errors import ConfigError
     with pytest.raises(ConfigError, match="grad_accum"):
         split_microbatches(make_batch(0, b=6), 4)
+
+
+@pytest.mark.parametrize("block", [16, 7])
+def test_blocked_cross_entropy_equals_full_logits_and_never_builds_them(block):
+    """The head applied block by block (blocks without loss tokens skipped, logits recomputed in the backward)
+    gives the full-logits loss and gradients, and no `[B, T, vocab]` array exists in the traced program."""
+    from alm_jax.training.loss import blocked_cross_entropy
+    rng = np.random.default_rng(0)
+    b, t, d, vocab = 3, 50, 8, 97
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(vocab, d)), jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+    mask = np.zeros((b, t), np.float32)
+    mask[0, 20:31], mask[2, 45:] = 1, 1               # loss in two places; most blocks have none
+    head = lambda x, w: jnp.einsum("btd,vd->btv", x, w)  # noqa: E731
+
+    def blocked(h, w):
+        return blocked_cross_entropy(h, lambda x: head(x, w), tgt, jnp.asarray(mask), block=block)[0]
+
+    def full(h, w):
+        return masked_cross_entropy(head(h, w), tgt, jnp.asarray(mask))[0]
+
+    np.testing.assert_allclose(float(blocked(h, w)), float(full(h, w)), rtol=1e-6)
+    assert float(blocked_cross_entropy(h, lambda x: head(x, w), tgt, jnp.asarray(mask), block=block)[1]) == 16
+    for g1, g2 in zip(jax.grad(blocked, argnums=(0, 1))(h, w), jax.grad(full, argnums=(0, 1))(h, w)):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-5)
+    assert float(jnp.abs(jax.grad(blocked, argnums=1)(h, w)).sum()) > 0
+    shapes = set()
+
+    def walk(jx):                                      # every value's shape, inside scan / cond / remat too
+        for eqn in jx.eqns:
+            shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+            for p in eqn.params.values():
+                for cand in (p if isinstance(p, (list, tuple)) else [p]):
+                    inner = getattr(cand, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+    walk(jax.make_jaxpr(jax.grad(blocked, argnums=(0, 1)))(h, w).jaxpr)
+    assert (b, block, vocab) in shapes                 # the head ran on blocks
+    assert not any(len(s) == 3 and s[-1] == vocab and s[1] >= t for s in shapes), sorted(shapes)

@@ -205,8 +205,11 @@ class DecoderLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden `[b, t, embed]` -> logits `[b, t, vocab]` float32 (accumulated in float32)."""
-        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
+        h = hidden.astype(self.dtype)
+        if self.lm_head is None:   # tied: contract with the [vocab, embed] table as stored (no transposed copy)
+            w = self.embed_tokens.embedding[...].astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        return jnp.dot(h, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  segment_ids=None, cache: KVCache | None = None):

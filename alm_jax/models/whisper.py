@@ -136,19 +136,23 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUE
     2x faster than `jax.nn.dot_product_attention` (75 vs 147 ms per layer, batch 2, 6 heads) with equal
     results."""
     b, t, h, d = q.shape
+    # heads-major once, outside the loop: transposing k and v inside each block cost XLA:CPU a copy per block
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [batch, heads, time, head_dim]
 
-    def block(qc):
-        scores = jnp.einsum("bqhd,bkhd->bhqk", qc, k).astype(jnp.float32)
+    def block(qc):                                                      # [batch, heads, chunk, head_dim]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", qc, kh).astype(jnp.float32)
         if key_mask is not None:
             scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, vh)
 
+    qh = q.transpose(0, 2, 1, 3)
     if t <= chunk:
-        return block(q)
+        return block(qh).transpose(0, 2, 1, 3)
     n = -(-t // chunk)
-    blocks = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
-    return jax.lax.map(block, blocks).swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
+    blocks = jnp.pad(qh, ((0, 0), (0, 0), (0, n * chunk - t), (0, 0))).reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(block, blocks)                                    # [n, batch, heads, chunk, head_dim]
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, n * chunk, h, d)[:, :t]
 
 
 class WhisperBlock(nnx.Module):
