@@ -20,7 +20,8 @@ from alm_jax.models.w2v_bert import W2VBertConfig, W2VBertModel
 from alm_jax.models.whisper import WhisperEncoder
 
 SR = 16000
-CA = ConnectorConfig(kind="alarm_ca", adapter_dim=32, num_layers=1, num_heads=4, hidden=32)
+CA = ConnectorConfig(kind="alarm_ca", adapter_dim=32, fusion_layers=(1,), fusion_heads=4, hidden=32,
+                     adapters=("batch", "layer"))   # ALARM-CA's: BatchNorm for Whisper, LayerNorm for W2V-BERT
 
 
 def tiny_w2v_bert(d=48, seed=2) -> W2VBertModel:
@@ -86,7 +87,7 @@ def test_build_alm_with_a_w2v_bert_encoder(tmp_path):
     assert isinstance(model.encoders[0], W2VBertModel)
     n = int(SR * 0.5)   # 48 fbank frames -> 24 stacked frames -> 12 adapted + 2 boundary tokens
     assert model.num_audio_tokens(n) == 12 + 2 == connector_token_rule(cfg.connector, cfg.encoders)(n)
-    assert model.num_audio_tokens(int(SR * 0.5) + 320) == 13 + 2      # Whisper would say 13 + 2 for 0.5 s already
+    assert model.num_audio_tokens(8160) == 12 + 2      # 24 stacked frames; Whisper would say 26 // 2 + 2
     tokens = _audio_tokens(model, jnp.asarray(np.stack(clips(2))), jnp.array([n, n - 4000]))
     assert tokens.shape == (2, 14, 64)
     np.testing.assert_array_equal(np.asarray(tokens[1, model.num_audio_tokens(n - 4000):]), 0.0)
@@ -126,8 +127,8 @@ def test_alarm_ca_masks_each_stream_by_its_own_frames():
     conn = model.connector
     assert conn.frame_rules == ("whisper", "w2v_bert")
     n = jnp.array([8000, 16000])
-    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 0)), [13, 25])   # ceil(25 / 2), ceil(50 / 2)
-    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 1)), [12, 25])   # ceil(24 / 2), ceil(49 / 2)
+    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 0)), [12, 25])   # 25 // 2, 50 // 2 (ALARM's T // 2)
+    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 1)), [12, 24])   # 24 // 2, 49 // 2
     tok = _audio_tokens(model, jnp.asarray(np.stack(clips(2, seconds=1.0))), n)
     assert tok.shape[1] >= model.num_audio_tokens(16000) == 25 + 2
 
@@ -154,7 +155,7 @@ def test_the_trainer_runs_whisper_plus_w2v_bert_fusion(tiny, tmp_path):
     paths = json.loads((tiny / "paths.json").read_text())
     save_tiny_w2v_bert(tmp_path / "w2v")
     cfg = tiny_config(paths, tmp_path, "model.connector.kind=alarm_ca", "model.connector.adapter_dim=32",
-                      "model.connector.hidden=32", "model.connector.num_heads=4",
+                      "model.connector.hidden=32", "model.connector.fusion_heads=4",
                       "model.encoders.0.tap_indexing=hf", "model.encoders.0.taps=[1,2]",
                       f"model.encoders=[{{path: {paths['whisper']}, taps: [1, 2], tap_indexing: hf, pad_to_seconds: null}},"
                       f" {{path: {tmp_path / 'w2v'}, kind: w2v_bert, taps: [1, 2], tap_indexing: hf, pad_to_seconds: null}}]",

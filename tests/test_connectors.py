@@ -254,11 +254,11 @@ def test_alarm_adapter_layernorm_matches_torch():
 
 
 @pytest.mark.parametrize("t", [1, 2, 7, 8, 1500])
-def test_alarm_adapter_gives_ceil_half_tokens(t):
+def test_alarm_adapter_gives_floor_half_tokens(t):
     m = AlarmAdapter(ACFG, rngs=nnx.Rngs(0))
     out = _run(m, [jnp.ones((2, t, 12))] * 4)
-    assert out.shape == (2, -(-t // 2), 20)
-    assert AlarmAdapter.output_lengths(t) == -(-t // 2)
+    assert out.shape == (2, -(-t // 2), 20)          # rows: the even-padded buffer halved
+    assert AlarmAdapter.output_lengths(t) == t // 2  # tokens: ALARM's calc_length (the fusion keeps >= 1)
 
 
 def test_mlp_and_identity_adapters_keep_the_frame_rate():

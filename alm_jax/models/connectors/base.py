@@ -25,6 +25,7 @@ from flax import nnx
 
 from alm_jax.audio.features import encoder_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
+from alm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,17 +33,40 @@ class TokenRule:
     """valid samples -> LLM tokens of one clip (picklable; ints or integer arrays).
 
     `fixed > 0`: a query-based connector (DeSTA Q-Former, MATS mapper) gives `fixed` tokens whatever
-    the length. Otherwise: `ceil(encoder_frames / 2)` (the ALARM adapters downsample by 2) + `extra`
-    (boundary and fusion-prefix tokens), the frames counted by the rule of encoder kind `frames` (encoder 0's
-    kind: `token_rule_for` sets it)."""
+    the length. Otherwise ALARM's count (`llm_audio_wrapper.get_audio_embeddings`): each encoder stream i with
+    `downsample[i] > 0` gives `encoder_frames(n, kind_i) // downsample[i]` tokens (the conv adapter halves: 2;
+    MLP / identity: 1; 0 = the stream does not set the length), the fused length is their maximum, plus
+    `prefix` (fusion tokens before the stream: ALARM-P's latents and separators), at least 1; then + `extra`
+    (the learned start/end boundary). The kinds are `stream_frames` (every encoder's kind; `token_rule_for`
+    sets them, and `frames`, encoder 0's kind)."""
     fixed: int = 0
     extra: int = 0
     frames: str = "whisper"
+    downsample: tuple[int, ...] = (2,)
+    prefix: int = 0
+    stream_frames: tuple[str, ...] = ()
 
     def __call__(self, num_samples):
         if self.fixed > 0:
             return self.fixed if isinstance(num_samples, int) else num_samples * 0 + self.fixed
-        return (encoder_frames(num_samples, self.frames) + 1) // 2 + self.extra
+        kinds = self.stream_frames or (self.frames,)
+        t = None
+        for i, d in enumerate(self.downsample):
+            if d <= 0:
+                continue
+            if i >= len(kinds):
+                raise ConfigError(f"TokenRule: stream {i} counts tokens but only {len(kinds)} encoder kinds are "
+                                  "known; build the rule with token_rule_for(cls, cc, encoders)")
+            n = encoder_frames(num_samples, kinds[i]) // d
+            t = n if t is None else maximum(t, n)
+        if t is None:
+            raise ConfigError("TokenRule: no stream counts tokens (every downsample entry is 0)")
+        return maximum(t + self.prefix, 1) + self.extra
+
+
+def maximum(a, b):
+    """Element-wise max of ints or integer numpy / JAX arrays (whichever `a` and `b` are)."""
+    return a + (b > a) * (b - a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,4 +108,6 @@ def token_rule_for(cls: type[Connector], cc: ConnectorConfig, encoders: Sequence
     """The token rule of connector class `cls` under `cc` for these encoders: the kind's rule, counting frames
     with encoder 0's frame rule (its `kind`). The model and the input pipeline both build theirs here."""
     rule = cls.token_rule(cc, len(encoders))
-    return rule if rule.fixed > 0 else dataclasses.replace(rule, frames=encoders[0].kind)
+    if rule.fixed > 0:
+        return rule
+    return dataclasses.replace(rule, frames=encoders[0].kind, stream_frames=tuple(e.kind for e in encoders))

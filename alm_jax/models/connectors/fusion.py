@@ -122,6 +122,9 @@ class CrossAttentionFusion(nnx.Module):
     main `[batch, T, llm_dim]`, conds: one `[batch, S_i, llm_dim]` per conditional stream, masks
     `[batch, T]` / `[batch, S_i]` (True = valid, optional) -> `[batch, T, llm_dim]` (main's length).
     Every stream first gets its own `in_proj` Linear(llm_dim -> d); `out_proj` maps d -> llm_dim.
+    ALARM masks the main stream's self-attention keys and, with the same main-stream lengths, every
+    conditional stream's keys (`get_padding_mask(cond_output, lengths[main_encoder])`): the connector passes
+    those masks.
     """
 
     def __init__(self, cfg: CrossAttentionFusionConfig = CrossAttentionFusionConfig(), *, dtype=jnp.float32,
@@ -190,10 +193,33 @@ class _PerceiverSelfLayer(nnx.Module):
         return x + self.mlp(x)
 
 
+class _PerceiverCrossLayer(nnx.Module):
+    """lat += CrossAttn(LN_q lat, LN_kv x, mask); lat += MLP(lat). lat `[batch, latents, d]`, x `[batch, S, kv_dim]`
+    -> `[batch, latents, d]`."""
+
+    def __init__(self, d: int, kv_dim: int, heads: int, widening: int, dropout: float, *, kernel_init, dtype,
+                 param_dtype, rngs):
+        self.q_norm = LayerNorm(d, dtype=dtype, param_dtype=param_dtype)
+        self.kv_norm = LayerNorm(kv_dim, dtype=dtype, param_dtype=param_dtype)
+        self.attn = MultiHeadAttention(d, kv_dim, d, heads, dropout=dropout, kernel_init=kernel_init, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.mlp = _PerceiverMLP(d, widening, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+
+    def __call__(self, lat, x, mask=None):
+        lat = lat + self.attn(self.q_norm(lat), self.kv_norm(x), mask)
+        return lat + self.mlp(lat)
+
+
 @dataclasses.dataclass(frozen=True)
 class PerceiverConfig:
-    """One Perceiver encoder (ALARM-P `alarm_p.yaml`): 20 latents x 768, 1 cross-attention layer (4 heads),
-    a block of 6 self-attention layers (4 heads) applied `self_blocks`=3 times with shared weights."""
+    """One Perceiver encoder; defaults: ALARM-P (`alarm_p.yaml`, `perceiver-io`'s `PerceiverEncoder`): 20 latents
+    x 768, 1 cross-attention layer (4 heads), 3 self-attention blocks of 6 layers (4 heads) sharing the first
+    block's weights (`first_self_attention_block_shared: true`).
+
+    Block i (0-based) is preceded by a cross-attention layer when i < `cross_layers`; blocks 1.. use the first
+    block's weights when `shared_blocks`, else one second set (the `self_attn_n` of perceiver-io); likewise cross
+    layers 1.. with `shared_cross`."""
 
     kv_dim: int = 1024
     n_latents: int = 20
@@ -202,36 +228,50 @@ class PerceiverConfig:
     self_heads: int = 4
     self_layers_per_block: int = 6
     self_blocks: int = 3
+    cross_layers: int = 1
+    shared_blocks: bool = True
+    shared_cross: bool = True
     widening: int = 1
-    dropout: float = 0.0
+    dropout: float = 0.0          # on the attention probabilities (perceiver-io `dropout`)
     init_scale: float = 0.02
 
 
 class Perceiver(nnx.Module):
-    """Learned latents `[n_latents, d]` cross-attend (pre-LN on latents and inputs) into x, then the shared
-    self-attention block runs `self_blocks` times. x `[batch, S, kv_dim]`, mask `[batch, S]` (True = valid)
+    """Learned latents `[n_latents, d]` cross-attend (pre-LN on latents and inputs) into x, then the
+    self-attention blocks run (see `PerceiverConfig`). x `[batch, S, kv_dim]`, mask `[batch, S]` (True = valid)
     -> `[batch, n_latents, d]`."""
 
     def __init__(self, cfg: PerceiverConfig = PerceiverConfig(), *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if cfg.self_blocks < 1 or not 1 <= cfg.cross_layers <= cfg.self_blocks:
+            raise ConfigError(f"Perceiver: self_blocks={cfg.self_blocks}, cross_layers={cfg.cross_layers}; need "
+                              "self_blocks >= 1 and 1 <= cross_layers <= self_blocks (model.connector."
+                              "perceiver_blocks / perceiver_cross_layers)")
         self.cfg, self.dtype = cfg, dtype
         init = nnx.initializers.normal(cfg.init_scale)
         kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.latents = param(init(rngs.params(), (cfg.n_latents, cfg.d), param_dtype), ("queries", "conn_embed"))
-        self.q_norm = LayerNorm(cfg.d, dtype=dtype, param_dtype=param_dtype)
-        self.kv_norm = LayerNorm(cfg.kv_dim, dtype=dtype, param_dtype=param_dtype)
-        self.cross_attn = MultiHeadAttention(cfg.d, cfg.kv_dim, cfg.d, cfg.cross_heads, dropout=cfg.dropout, **kw)
-        self.cross_mlp = _PerceiverMLP(cfg.d, cfg.widening, **kw)
-        self.self_layers = nnx.List([_PerceiverSelfLayer(cfg.d, cfg.self_heads, cfg.widening, cfg.dropout, **kw)
-                                     for _ in range(cfg.self_layers_per_block)])
+
+        def cross():
+            return _PerceiverCrossLayer(cfg.d, cfg.kv_dim, cfg.cross_heads, cfg.widening, cfg.dropout, **kw)
+
+        def block():
+            return nnx.List([_PerceiverSelfLayer(cfg.d, cfg.self_heads, cfg.widening, cfg.dropout, **kw)
+                             for _ in range(cfg.self_layers_per_block)])
+
+        self.cross = cross()
+        self.block = block()
+        self.cross_n = cross() if cfg.cross_layers > 1 and not cfg.shared_cross else None
+        self.block_n = block() if cfg.self_blocks > 1 and not cfg.shared_blocks else None
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         b = x.shape[0]
         lat = jnp.broadcast_to(self.latents[...].astype(self.dtype)[None], (b, *self.latents.shape))
-        lat = lat + self.cross_attn(self.q_norm(lat), self.kv_norm(x), mask)
-        lat = lat + self.cross_mlp(lat)
-        for _ in range(self.cfg.self_blocks):
-            for layer in self.self_layers:
+        for i in range(self.cfg.self_blocks):
+            if i < self.cfg.cross_layers:
+                cross = self.cross if i == 0 or self.cross_n is None else self.cross_n
+                lat = cross(lat, x, mask)
+            for layer in (self.block if i == 0 or self.block_n is None else self.block_n):
                 lat = layer(lat)
         return lat
 
