@@ -9,6 +9,8 @@
     alm eval score --benchmark B --predictions FILE   score MMAU / MMSU / MMAR predictions (official rules)
     alm export CKPT_DIR --format F --out DIR   llm | peft | qwen2-audio | bundle (alm_jax/export)
     alm import BUNDLE [--out CKPT_DIR]         rebuild a bundle's JAX model (and write it as a checkpoint)
+    alm santa CKPT_DIR              MATS: the Santa memory (k-means over the training captions' CLAP text
+                                    embeddings) -> CKPT_DIR/santa.safetensors, which `alm eval` then uses
     alm scale --config C --fractions F,... --out DIR (--budget steps-per-sample=K | --epochs E)   data-size study
     alm compile CONFIG --topology v5p-64 [key=value...]   ahead-of-time compile of the train step for a TPU
                                     slice (needs libtpu: the `tpu` extra); per-device memory, FLOPs, fit
@@ -68,7 +70,8 @@ def _cmd_train(args) -> int:
     verb = "stopped (preempted; resume=auto continues)" if result.stopped_by == "preempted" else "finished"
     print(f"{verb} at step {result.step} ({result.stopped_by}); last loss "
           f"{result.losses[max(result.losses)] if result.losses else float('nan'):.4f}; "
-          f"skipped steps {result.skipped_steps}; bad samples {result.bad_samples.get('bad', {})}")
+          f"skipped steps {result.skipped_steps}; bad samples {result.bad_samples.get('bad', {})}; "
+          f"truncated samples {result.bad_samples.get('adjusted', {}).get('truncated', 0)}")
     return EXIT_PREEMPTED if result.stopped_by == "preempted" else 0
 
 
@@ -164,6 +167,35 @@ def _cmd_import(args) -> int:
     model, step = import_bundle(args.bundle, args.out)
     print(f"imported {args.bundle} (step {step})" + (f"; checkpoint written to {args.out}" if args.out else
                                                      "; every tensor fits the model (give --out to write a checkpoint)"))
+    return 0
+
+
+def _cmd_santa(args) -> int:
+    """`alm santa`: a MATS run's Santa memory from its training captions (recipes.mats.build_santa_memory)."""
+    from alm_jax.config import TrainConfig, from_dict, with_legacy_model_values
+    from alm_jax.models.connectors.mats import SantaConfig
+    from alm_jax.recipes.mats import SANTA_FILE, build_santa_memory, training_captions
+    from alm_jax.training.checkpoint import Checkpointer
+    from alm_jax.weights.demo_models import resolve_demo_paths
+    reader = Checkpointer(args.checkpoint, read_only=True)
+    try:
+        stored = reader.restore_config(None)
+    finally:
+        reader.close()
+    if stored is None:
+        raise ConfigError(f"{args.checkpoint} holds no run config; give the checkpoint.dir of an `alm train` run")
+    stored = {**stored, "model": with_legacy_model_values(stored.get("model", {}))}
+    cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
+    corpora, fraction = (args.corpus, 1.0) if args.corpus else (list(cfg.data.corpus), cfg.data.fraction)
+    texts = training_captions(corpora, fraction=fraction, limit=args.max_texts, seed=args.seed)
+    santa = SantaConfig(n_clusters=args.clusters, iters=args.iters, k=args.top_k, tau=args.tau, lam=args.lam,
+                        seed=args.seed)
+    memory, inertia = build_santa_memory(cfg, texts, santa)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / SANTA_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    memory.save(out)
+    print(f"Santa memory of {len(texts)} captions ({santa.n_clusters} clusters, k-means inertia {inertia[0]:.4g} -> "
+          f"{inertia[-1]:.4g}) written to {out}")
     return 0
 
 
@@ -270,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("bundle", help="bundle directory")
     imp.add_argument("--out", default=None, help="write it as a checkpoint directory that `alm eval` reads")
     imp.set_defaults(func=_cmd_import)
+
+    santa = sub.add_parser("santa", help="MATS: build a run's Santa memory (CLAP text embeddings of its training "
+                           "captions, k-means) for inference; `alm eval` reads CKPT_DIR/santa.safetensors")
+    santa.add_argument("checkpoint", help="the checkpoint.dir of a MATS `alm train` run")
+    santa.add_argument("--corpus", nargs="*", default=None, help="corpora whose audio_texts fill the memory "
+                       "(default: the run's data.corpus, its data.fraction subset)")
+    santa.add_argument("--out", default=None, help="memory file (default: CKPT_DIR/santa.safetensors)")
+    santa.add_argument("--clusters", type=int, default=100, help="k-means clusters (MATS: 100)")
+    santa.add_argument("--iters", type=int, default=10, help="k-means iterations (MATS: 10)")
+    santa.add_argument("--top-k", type=int, default=32, help="entries retrieved per clip (MATS: 32)")
+    santa.add_argument("--tau", type=float, default=10.0, help="softmax temperature on <z_a, m> (MATS: 10)")
+    santa.add_argument("--lam", type=float, default=0.3, help="weight of the retrieved text (MATS: 0.3)")
+    santa.add_argument("--max-texts", type=int, default=0, help="keep a seeded random subset of this many "
+                       "captions (0 = all; MATS caps its bank at 5172)")
+    santa.add_argument("--seed", type=int, default=0, help="k-means initialisation, subset and inference noise seed")
+    santa.set_defaults(func=_cmd_santa)
 
     from alm_jax.generation.run import add_parser as add_generate, add_serve_parser
     add_generate(sub)

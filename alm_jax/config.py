@@ -33,6 +33,10 @@ class EncoderConfig:
     taps: tuple[int, ...] = (-1,)
     tap_indexing: Literal["blocks", "hf"] = "blocks"   # blocks: raw block outputs (DeSTA); hf: hidden_states (ALARM)
     pad_to_seconds: float | None = 30.0                # 30 s pad (DeSTA) or None = trim (ALARM)
+    window_seconds: float | None = None   # Whisper as ALARM feeds it: the clip cut into windows of this length,
+                                          # each padded to it and encoded alone, states concatenated (ALARM: 30;
+                                          # clips up to data.max_audio_seconds, 60 s = 2 windows); needs
+                                          # pad_to_seconds null. None = one pass over the padded / trimmed clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +51,30 @@ class ConnectorConfig:
     adapter_dim: int = 1024
     norm: Literal["layer", "batch"] = "layer"
     perceiver_latents: int = 20
+    # ALARM (Blinorot/ALARM alarm_ca.yaml / alarm_p.yaml; published values are the defaults)
+    adapters: tuple[Literal["batch", "layer", "mlp", "identity"], ...] = ()   # per encoder (model.encoders order)
+                             # its adapter: batch / layer = conv downsampler (T // 2) with BatchNorm / LayerNorm
+                             # (Whisper: batch; W2V-BERT, SSLAM: layer), mlp = 2-layer MLP (MuQ; T), identity =
+                             # layer average only (ALARM-P's conditional inputs). () = `norm` conv adapters
+                             # (alarm_p: identity for encoders 1..)
+    fusion_heads: int = 16   # ALARM-CA fusion attention heads (alarm_ca reads these, not num_heads / num_layers)
+    fusion_layers: tuple[int, ...] = ()   # ALARM-CA decoder layers per conditional encoder (1..); () = 1 each
+    perceiver_dim: int = 768           # ALARM-P Perceiver latent channels
+    perceiver_heads: int = 4           # ... self-attention heads
+    perceiver_cross_heads: int = 4     # ... cross-attention heads
+    perceiver_blocks: int = 3          # ... self-attention blocks
+    perceiver_block_layers: int = 6    # ... layers per self-attention block
+    perceiver_cross_layers: int = 1    # ... cross-attention layers (before blocks 1..; <= perceiver_blocks)
+    perceiver_shared: bool = True      # blocks 2.. (and cross layers 2..) reuse the first one's weights
+    perceiver_widening: int = 1        # ... MLP widening factor
     mapper_tokens: int = 40
     dropout: float = 0.0     # connector dropout in training (DeSTA's Q-Former: BERT's 0.1; ALARM-CA fusion: 0.1)
+    transcript_tokens: int = 0   # DeSTA2.5: after each clip's audio tokens, at most this many tokens of its
+                                 # transcript (training: the record's; inference: Whisper's, behind the voice-
+                                 # activity gate; " " without speech). 0 = off; published 100
+    noise_variance: float = 0.015   # MATS: variance of the Gaussian noise on the normalized CLAP text embedding
+                                    # in text-only training (published 0.015; 0 = off; eval mode: none)
+    caption_tokens: int = 77        # MATS: CLAP text tokens per caption (padded / cut, LAION-CLAP's 77)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +83,18 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target: str = r".*(q_proj|v_proj).*"
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFromConfig:
+    """Staged training: learned weights of an earlier run copied into this model before its first step (a
+    fresh start only; a resumed run reads everything from its own checkpoint). `run`: the earlier run's
+    checkpoint directory; `step`: its step (0 = the latest); `map`: {path there: path here} (dotted module or
+    parameter paths, e.g. `connector.adapters.0: connector.adapters.1`): every parameter and BatchNorm
+    statistic under the path there goes under the path here (same names and shapes, else a ConfigError)."""
+    run: str = ""
+    step: int = 0
+    map: tuple[tuple[str, str], ...] = ()   # YAML: a mapping {from: to} (kept in order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +109,13 @@ class ModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"   # rematerialization of each scanned block in training
                                                             # (MaxText's names: full = recompute all, save_dots =
                                                             # keep matmul outputs)
+    freeze: tuple[str, ...] = ()  # learned modules/parameters held fixed (staged training, ALARM-CA/P): dotted
+                                  # path patterns (fnmatch globs: `connector.adapters.0`, `connector.adapters.*`);
+                                  # no gradient, no optimizer state; saved with the rest in the checkpoint
+    frozen_mode: Literal["eval", "train"] = "eval"   # how the modules `freeze` names run in training: eval =
+                                  # BatchNorm on its running statistics (not updated), dropout off; train = as
+                                  # ALARM's public code (gradients off only: batch statistics, running ones updated)
+    init_from: tuple[InitFromConfig, ...] = ()   # weights of earlier runs to start from (see InitFromConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +188,8 @@ class EvalConfig:
     corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0 and "loss" runs)
     evaluators: tuple[str, ...] = ("loss",)   # names in alm_jax/evaluation/__init__.py::EVALUATORS
     suites: tuple[SuiteConfig, ...] = ()      # per-suite settings for the evaluators named above
+    santa: str = "auto"           # MATS answers: the Santa memory file (`alm santa` writes it); auto =
+                                  # <checkpoint.dir>/santa.safetensors when it exists, off = plain audio path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +265,8 @@ def _coerce(value: Any, tp, path: str):
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {list(args)}")
         return value
     if origin is tuple:
+        if isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:   # {a: b} -> ((a, b),)
+            value = [list(kv) for kv in value.items()]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             value = [value]
         elem = args[0] if args else Any
@@ -355,6 +404,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
     _check(d.epochs >= 0, "data.epochs", d.epochs, "must be >= 0 (0 = repeat the corpus forever)")
     _check(d.max_text_tokens >= 1, "data.max_text_tokens", d.max_text_tokens, "must be >= 1")
     _check(d.max_clips >= 1, "data.max_clips", d.max_clips, "must be >= 1")
+    _check(cfg.model.connector.transcript_tokens >= 0, "model.connector.transcript_tokens",
+           cfg.model.connector.transcript_tokens, "must be >= 0 (0 = no transcript tokens; DeSTA2.5: 100)")
+    _check(cfg.model.connector.noise_variance >= 0, "model.connector.noise_variance",
+           cfg.model.connector.noise_variance, "must be >= 0 (0 = no noise; MATS: 0.015)")
+    _check(cfg.model.connector.caption_tokens >= 1, "model.connector.caption_tokens",
+           cfg.model.connector.caption_tokens, "must be >= 1 (MATS with LAION-CLAP: 77)")
     _check(0 < d.fraction <= 1, "data.fraction", d.fraction, "must be in (0, 1]")
     _check(d.shards >= 0, "data.shards", d.shards, "must be >= 0 (0 = one per process)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")

@@ -39,8 +39,11 @@ def tiny_encoder(d=32, seed=1, scan_layers=True):
 CONNECTORS = {
     "desta": ConnectorConfig(kind="desta", num_queries=4, num_layers=1, num_heads=4, hidden=32, intermediate=64),
     "alarm": ConnectorConfig(kind="alarm", adapter_dim=32),
-    "alarm_ca": ConnectorConfig(kind="alarm_ca", adapter_dim=32, num_layers=1, num_heads=4, hidden=32),
-    "alarm_p": ConnectorConfig(kind="alarm_p", adapter_dim=32, num_layers=1, num_heads=4, hidden=32, perceiver_latents=3),
+    "alarm_ca": ConnectorConfig(kind="alarm_ca", adapter_dim=32, fusion_layers=(1,), fusion_heads=4, hidden=32,
+                                adapters=("batch", "layer")),   # ALARM-CA's: BatchNorm main, LayerNorm second
+    "alarm_p": ConnectorConfig(kind="alarm_p", adapter_dim=32, perceiver_dim=32, perceiver_heads=4,
+                               perceiver_cross_heads=4, perceiver_blocks=1, perceiver_block_layers=1,
+                               perceiver_latents=3),
     "mats": ConnectorConfig(kind="mats", mapper_tokens=4, num_layers=1, num_heads=4, hidden=32),
 }
 
@@ -92,13 +95,14 @@ def test_token_counts():
     n = int(SR * 0.5)   # 50 mel frames -> 25 encoder positions
     frames = 25
     alarm = make_model("alarm")
-    assert alarm.num_audio_tokens(n) == -(-frames // 2) + 2
-    odd = int(SR * 0.49)  # 49 mel frames -> 25 positions; odd counts handled by ceil
-    assert alarm.num_audio_tokens(odd) == 13 + 2
+    assert alarm.num_audio_tokens(n) == frames // 2 + 2
+    odd = int(SR * 0.49)  # 49 mel frames -> 25 positions; ALARM's T // 2 drops the odd one
+    assert alarm.num_audio_tokens(odd) == 12 + 2
+    assert alarm.num_audio_tokens(200) == 1 + 2   # 1 position: at least one token
     assert make_model("desta").num_audio_tokens(n) == 4
     assert make_model("mats").num_audio_tokens(n) == 4
     ca = make_model("alarm_ca")
-    assert ca.num_audio_tokens(n) == alarm.num_audio_tokens(n)           # CA keeps the main stream's length
+    assert ca.num_audio_tokens(n) == alarm.num_audio_tokens(n)           # two Whisper streams: the same length
     p = make_model("alarm_p")
     assert p.num_audio_tokens(n) - alarm.num_audio_tokens(n) == 3 * 1 + 2  # latents x conditional encoders + 2
     for kind in CONNECTORS:

@@ -231,5 +231,30 @@ def test_scanned_stack_lora_gradients_skip_not_adapted_layers():
     grad_fn = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)))
     g = np.asarray(grad_fn(model).layers.attn.value.lora_b[...])
     assert np.abs(g[1]).max() > 0 and np.abs(g[[0, 2]]).max() == 0
-    with pytest.raises(ConfigError, match=r"dropout .* scanned layer stack at layers/attn/query"):
-        apply_lora(model, rank=2, alpha=2.0, dropout=0.1, target_regex=r"query", rngs=nnx.Rngs(1))
+
+
+def test_scanned_stack_lora_dropout_draws_the_unrolled_masks_call_after_call():
+    """LoRA dropout in a scanned stack: each layer its own stream (keys and counts stacked [L], advanced once
+    per call and written back), the same masks as the unrolled stack's wrappers draw, call after call."""
+    scanned = _StackModel(nnx.Rngs(0), scan=True)
+    assert apply_lora(scanned, rank=2, alpha=4.0, dropout=0.5, target_regex=TARGET, rngs=nnx.Rngs(1))
+    _randomize_b(scanned)
+    unrolled = _unrolled_copy(scanned)
+    apply_lora(unrolled, rank=2, alpha=4.0, dropout=0.5, target_regex=TARGET, rngs=nnx.Rngs(1))
+    for one in lora_per_layer(unrolled):
+        i = int(one.path.split("/")[1])
+        wrapper = scanned.layers.attn.value if one.path.endswith("value") else scanned.layers.up
+        one.wrapper.lora_a.set_value(wrapper.lora_a[...][i])
+        one.wrapper.lora_b.set_value(wrapper.lora_b[...][i])
+    assert scanned.layers.up.dropout.rngs.count.shape == (3,)
+    outs = []
+    for _ in range(2):
+        a, b = scanned(X), unrolled(X)
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
+        outs.append(a)
+    np.testing.assert_array_equal(np.asarray(scanned.layers.up.dropout.rngs.count[...]), [2, 2, 2])
+    assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) > 1e-3      # new masks each call
+    scanned.eval()
+    unrolled.eval()
+    assert float(jnp.max(jnp.abs(scanned(X) - outs[1]))) > 1e-3     # eval: no dropout
+    assert float(jnp.max(jnp.abs(scanned(X) - unrolled(X)))) <= 1e-5

@@ -1,4 +1,6 @@
-"""MATS noise injection, k-means and Santa retrieval, checked against NumPy brute force."""
+"""MATS noise injection, k-means and Santa retrieval, checked against NumPy brute force and, step by step (k-means
+centroids per iteration; retrieval indices, noised entries, weights, output), against a NumPy transcription of the
+published algorithm (MATS-LLaMA `kmeans_memory_bank`, `encode_audio`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import pytest
 from flax import nnx
 
 from alm_jax.errors import CheckpointError, ConfigError
-from alm_jax.models.connectors import SantaBank, SantaConfig, SantaMemory, kmeans, l2_normalize, noise_injection
+from alm_jax.models.connectors import (SantaBank, SantaConfig, SantaMemory, SantaMix, kmeans, l2_normalize,
+                                      noise_injection)
 from alm_jax.sharding import make_mesh, state_shardings
 
 
@@ -155,3 +158,75 @@ def test_santa_rejects_bad_sizes():
         SantaMemory(10, 4, SantaConfig(n_clusters=2))
     with pytest.raises(ConfigError, match="n_clusters"):
         SantaMemory(40, 4, dataclasses.replace(SantaConfig(), n_clusters=41, k=4))
+
+
+def _np_kmeans(x, init, iters):
+    """MATS `kmeans_memory_bank` in NumPy from given initial means: per iteration, assign each row to its nearest
+    mean (squared L2), move each mean to its members' average (an empty cluster keeps its mean); then the final
+    assignment by L2. Returns (means after each iteration, final assignment)."""
+    means, history = init.astype(np.float64), []
+    for _ in range(iters):
+        buckets = ((x[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+        new = np.zeros_like(means)
+        np.add.at(new, buckets, x)
+        counts = np.bincount(buckets, minlength=len(means))
+        means = np.where(counts[:, None] > 0, new / np.maximum(counts, 1)[:, None], means)
+        history.append(means.copy())
+    return history, np.linalg.norm(x[:, None, :] - means[None], axis=-1).argmin(1)
+
+
+def test_kmeans_matches_the_published_lloyd_iterations_step_by_step():
+    rng = np.random.default_rng(7)
+    x = _unit(rng.normal(size=(150, 10))).astype(np.float32)
+    init_idx = np.asarray(jax.random.permutation(jax.random.PRNGKey(5), 150)[:7])   # kmeans' documented init
+    history, assign = _np_kmeans(x.astype(np.float64), x[init_idx], 6)
+    for t in (1, 6):   # after t iterations
+        c, a, _ = kmeans(jnp.asarray(x), 7, t, seed=5)
+        np.testing.assert_allclose(np.asarray(c), history[t - 1], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a), assign)
+
+
+def _np_encode_audio(z, bank, centroids, assign, cfg: SantaConfig, gauss):
+    """MATS `encode_audio` (k-means branch) in NumPy, float64: nearest centroid by L2; that cluster's members (bank
+    order) padded to k by repeating the first; the k nearest by L2 (nearest first); noise injection
+    normalize(normalize(m) + std * gauss) with the given standard-normal draws `gauss [b, k, d]`; w = softmax(tau *
+    <z, m_i>); z' = (1 - lam) z + lam sum_i w_i m_i, normalized (the mapper's F.normalize). Returns the steps."""
+    idx, ent, wts, out = [], [], [], []
+    for b, za in enumerate(z.astype(np.float64)):
+        c = int(np.argmin(np.linalg.norm(centroids - za, axis=1)))
+        members = np.flatnonzero(assign == c)
+        if len(members) < cfg.k:
+            members = np.concatenate([members, np.repeat(members[:1], cfg.k - len(members))])
+        top = members[np.argsort(np.linalg.norm(bank[members] - za, axis=1), kind="stable")[:cfg.k]]
+        m = _unit(_unit(bank[top].astype(np.float64)) + cfg.noise_std * gauss[b])
+        logits = cfg.tau * (m @ za)
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        idx.append(top)
+        ent.append(m)
+        wts.append(w)
+        out.append(_unit((1 - cfg.lam) * za + cfg.lam * (w[:, None] * m).sum(0)))
+    return np.stack(idx), np.stack(ent), np.stack(wts), np.stack(out)
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.1224744871391589])   # the published variance 0.015
+def test_santa_steps_match_the_published_algorithm(noise_std):
+    """Every step on random data: retrieval indices (in order), the noise-injected entries, the weights, the output.
+    Clusters hold more than k entries here, so the nearest-first order (and which noise draw meets which entry) is
+    unambiguous; the padded case is checked by `test_retrieval_matches_brute_force_within_nearest_cluster`."""
+    rng = np.random.default_rng(11)
+    cfg = SantaConfig(n_clusters=4, iters=6, k=6, tau=10.0, lam=0.3, noise_std=noise_std, seed=2)
+    mem = SantaMemory.from_embeddings(rng.normal(size=(160, 12)).astype(np.float32), cfg)
+    bank, cent, assign = (np.asarray(v[...]) for v in (mem.bank, mem.centroids, mem.assign))
+    assert np.bincount(assign, minlength=4).min() > cfg.k
+    z = (rng.normal(size=(5, 12)) * 1.5).astype(np.float32)   # un-normalized, as MATS' audio embeddings
+    key = jax.random.PRNGKey(3)
+    gauss = np.asarray(jax.random.normal(key, (5, cfg.k, 12), jnp.float32), np.float64)   # noise_injection's draw
+    want_idx, want_m, want_w, want_z = _np_encode_audio(z, bank, cent, assign, cfg, gauss)
+    got: SantaMix = mem.mix(jnp.asarray(z), key)
+    np.testing.assert_array_equal(np.asarray(got.indices), want_idx)
+    np.testing.assert_allclose(np.asarray(got.entries), want_m, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.weights), want_w, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.z), want_z, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mem(jnp.asarray(z), key)), want_z, atol=1e-5)
+    assert want_w.max(-1).min() < 0.99   # the weights are a real mixture, not one entry

@@ -54,11 +54,13 @@ def _same_tree(a, b) -> bool:
 
 
 # Per-step losses and held-out losses of the tiny run below, recorded at commit 59a2b91 (before the
-# architecture refactor of issue 9). Restructuring must not change a bit of them.
-PINNED_LOSSES = {1: 10.831926345825195, 2: 10.811972618103027, 3: 10.809623718261719, 4: 10.813766479492188,
-                 5: 10.783265113830566, 6: 10.784594535827637, 7: 10.819297790527344, 8: 10.795957565307617,
-                 9: 10.809196472167969, 10: 10.794624328613281}
-PINNED_EVAL_LOSSES = {5: 10.80287115914481, 10: 10.801460266113281}
+# architecture refactor of issue 9) and re-recorded once when the loss began applying the vocabulary head
+# block by block (training/loss.py: same step-1 loss, a different summation order moves later steps by
+# <= 4e-6). Restructuring must not change a bit of them.
+PINNED_LOSSES = {1: 10.831926345825195, 2: 10.811976432800293, 3: 10.809624671936035, 4: 10.813765525817871,
+                 5: 10.7832670211792, 6: 10.78459644317627, 7: 10.81929874420166, 8: 10.795958518981934,
+                 9: 10.809197425842285, 10: 10.794624328613281}
+PINNED_EVAL_LOSSES = {5: 10.802870614188057, 10: 10.80145972115653}
 
 
 @pytest.mark.slow
@@ -93,16 +95,35 @@ def test_losses_are_pinned_bit_for_bit(tiny, tmp_path):
     assert report == {cfg.checkpoint.dir: {"step": 10, "eval/loss": PINNED_EVAL_LOSSES[10]}}
 
 
+def _stochastic(tiny) -> list[str]:
+    """Everything a training forward draws or updates besides the weights: ALARM-CA over two encoders with
+    BatchNorm adapters (running statistics), fusion dropout 0.1 and LoRA (rank 2, on the scanned LLM stack)
+    with dropout 0.1."""
+    enc = f"{{path: {_paths(tiny)['whisper']}, taps: [1], tap_indexing: hf, pad_to_seconds: null}}"
+    return ["model.connector.kind=alarm_ca", "model.connector.adapter_dim=16", "model.connector.norm=batch",
+            "model.connector.fusion_heads=4", "model.connector.dropout=0.1", f"model.encoders=[{enc}, {enc}]",
+            "model.lora.rank=2", "model.lora.dropout=0.1", "data.max_text_tokens=64"]
+
+
 @pytest.mark.slow
 def test_exact_resume_after_kill_9(tiny, tmp_path):
-    full = run(tiny, tmp_path / "full", "none", *_evals(tiny))
+    """With dropout (connector and LoRA) and BatchNorm on: the resumed run is bit-identical to the uninterrupted
+    one, losses, evals and the final state (parameters, optimizer, running statistics, dropout counters)."""
+    knobs = (*_evals(tiny), *_stochastic(tiny))
+    full = run(tiny, tmp_path / "full", "none", *knobs)
     assert full["step"] == 20 and len(full["losses"]) == 20
-    killed = run(tiny, tmp_path / "resumed", "kill:13", *_evals(tiny), expect_rc=-signal.SIGKILL)
+    killed = run(tiny, tmp_path / "resumed", "kill:13", *knobs, expect_rc=-signal.SIGKILL)
     assert killed["step"] == 13
-    resumed = run(tiny, tmp_path / "resumed", "none", *_evals(tiny))
+    resumed = run(tiny, tmp_path / "resumed", "none", *knobs)
     assert sorted(resumed["losses"]) == list(range(11, 21))        # restarted from the checkpoint at 10
     for s in range(11, 21):
         assert resumed["losses"][s] == full["losses"][s], s          # bit-identical: same samples, same math
+    final = _state(tmp_path / "full" / "ckpt", 20)
+    assert _same_tree(final, _state(tmp_path / "resumed" / "ckpt", 20))
+    lora = final["model_state"]["llm"]["layers"]["self_attn"]["q_proj"]["dropout"]["rngs"]["count"]["value"]
+    np.testing.assert_array_equal(lora, [20, 20])                    # one mask per step and layer (scanned)
+    assert final["model_state"]["connector"]["fusion"]["decoders"]["0"]["0"]["dropout"]["rngs"]["count"]["value"] > 0
+    assert not np.allclose(final["model_state"]["connector"]["adapters"]["0"]["norm1"]["mean"]["value"], 0)
     # held-out evals: every 5 steps on the same 2 batches (the eval pipeline restarts each time), so the
     # resumed process, whose first eval is at 15, matches the run that already evaluated at 5 and 10
     assert sorted(full["eval_losses"]) == [5, 10, 15, 20]
@@ -291,15 +312,6 @@ def test_flops_per_step_count_every_part(tiny, tmp_path):
     lora = 8 * 2 * F.lora_forward_flops(T, F.llm_layer_shapes(32, 4, 2, 8), 2)   # 2 layers x (q, v)
     assert with_lora["lora"] == lora
     assert with_lora["train"] == _expected_tiny_flops()["train"] + 3 * lora
-
-
-def test_lora_dropout_is_refused_in_training(tiny, tmp_path):
-    from alm_jax.errors import ConfigError
-    from alm_jax.training.trainer import train
-    cfg = tiny_config(_paths(tiny), tmp_path, "model.connector.kind=alarm", "model.connector.adapter_dim=16",
-                      "model.encoders.0.tap_indexing=hf", "model.lora.rank=4", "model.lora.dropout=0.1")
-    with pytest.raises(ConfigError, match="lora.dropout"):
-        train(cfg)
 
 
 @pytest.mark.parametrize("extra", [

@@ -30,7 +30,7 @@ import numpy as np
 from alm_jax.config import TrainConfig
 from alm_jax.data.bad_data import BadDataCounter
 from alm_jax.data.corpus import Corpus
-from alm_jax.data.pipeline import AudioSpec, PipelineConfig, SampleBuilder, make_dataset
+from alm_jax.data.pipeline import AudioSpec, PipelineConfig, SampleBuilder, caption_tokenizer, make_dataset
 from alm_jax.data.templates import ChatTokenizer
 from alm_jax.errors import ConfigError, DataError
 from alm_jax.sharding import batch_sharding
@@ -39,14 +39,15 @@ from alm_jax.weights.hf_import import read_config
 
 def sample_builder(cfg: TrainConfig, llm_dir: str) -> SampleBuilder:
     """Record -> sample for this run: the LLM's chat template, the connector's token rule, encoder 0's
-    padding and mel bins (for `data.host_features`)."""
+    padding and mel bins (for `data.host_features`), and CLAP's caption tokenizer for a MATS run (text-only
+    records)."""
     from transformers import AutoTokenizer
     tok = ChatTokenizer(AutoTokenizer.from_pretrained(llm_dir))
     n_mels = 80
     if cfg.data.host_features:   # the log-mel is computed here, so it needs encoder 0's mel bins
         n_mels = int(read_config(cfg.model.encoders[0].path).get("num_mel_bins", 80))
     return SampleBuilder(tok, AudioSpec.from_config(cfg), cfg.data.max_text_tokens, cfg.data.max_clips,
-                         host_features=cfg.data.host_features, n_mels=n_mels)
+                         host_features=cfg.data.host_features, n_mels=n_mels, captions=caption_tokenizer(cfg))
 
 
 def process_rows(mesh, global_batch: int) -> tuple[int, int]:

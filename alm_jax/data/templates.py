@@ -2,7 +2,9 @@
 
 The LLM's own chat template renders the conversation; each `<audio>` placeholder in a message becomes a
 span of exactly `span_lengths[i]` placeholder ids (clip i's token count from the connector), and the loss
-mask is 1 exactly on assistant content tokens and the end-of-turn (EOS) token that closes them.
+mask is 1 exactly on assistant content tokens and the end-of-turn (EOS) token that closes them. A clip's span
+may be followed by text ids of its own (`span_suffixes`: DeSTA's transcript tokens), which are plain text
+positions (`audio_clip` -1) that the LLM embeds like any other token.
 
     ids       <|im_start|>user\n  [A A A A]  what is this?<|im_end|>\n<|im_start|>assistant\n  a dog barks <|im_end|> \n
     loss      0 ...............................................................................  1  1   1    1     0
@@ -79,6 +81,10 @@ class ChatTokenizer:
             return [self.tok.encode(t, add_special_tokens=False) for t in texts]
         return [backend.encode(t, add_special_tokens=False).ids for t in texts]
 
+    def text_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids `[n]` int32 of each text alone (no special tokens added), e.g. a clip's transcript."""
+        return [np.asarray(ids, np.int32) for ids in self._encode_batch(list(texts))]
+
     def _encode_prompt_pieces(self, texts: list[str]) -> list[np.ndarray]:
         """`_encode_batch` of prompt pieces (the text between audio spans and answers) as int32 arrays,
         through a bounded cache: system prompts, chat-template headers and instructions repeat across
@@ -107,11 +113,13 @@ class ChatTokenizer:
                 segments.append(("audio", clip))
         return len(pieces) - 1
 
-    def encode(self, messages: Sequence[dict], span_lengths: Sequence[int]) -> TokenizedSample:
+    def encode(self, messages: Sequence[dict], span_lengths: Sequence[int],
+               span_suffixes: Sequence[np.ndarray] | None = None) -> TokenizedSample:
         """Tokenizes a conversation; loss on every assistant turn's content + its EOS.
 
         The conversation is rendered once per assistant turn (prompt, then prompt + answer), cut into
-        text / audio / answer segments, and each piece of text is tokenized alone (`_assemble`)."""
+        text / audio / answer segments, and each piece of text is tokenized alone (`_assemble`).
+        `span_suffixes[i]` (optional, int32 ids): text tokens placed right after clip i's span."""
         segments: list[tuple[str, Any]] = []
         rendered_upto = ""
         clips = 0
@@ -135,12 +143,14 @@ class ChatTokenizer:
         if clips != len(span_lengths):
             raise DataError(f"the messages hold {clips} {AUDIO_PLACEHOLDER} placeholder(s) but the sample has "
                             f"{len(span_lengths)} audio clip(s)")
-        return self._assemble(segments, span_lengths)
+        return self._assemble(segments, span_lengths, span_suffixes)
 
-    def _assemble(self, segments: list[tuple[str, Any]], span_lengths: Sequence[int]) -> TokenizedSample:
+    def _assemble(self, segments: list[tuple[str, Any]], span_lengths: Sequence[int],
+                  span_suffixes: Sequence[np.ndarray] | None = None) -> TokenizedSample:
         """Token arrays of ("text", str) / ("audio", clip) / ("answer", str) segments: each text or answer
         is tokenized alone (text through the piece cache), an audio span is `span_lengths[clip]`
-        placeholders numbered 0.., and the loss covers each answer up to and with its EOS."""
+        placeholders numbered 0.. (then `span_suffixes[clip]` as text, when given), and the loss covers each
+        answer up to and with its EOS."""
         prompts = iter(self._encode_prompt_pieces([v for kind, v in segments if kind == "text"]))
         answers = iter(self._encode_batch([v for kind, v in segments if kind == "answer"]))
         parts, clips, learned = [], [], []   # per segment: ids, clip index (-1: text), tokens learned (answers)
@@ -149,6 +159,10 @@ class ChatTokenizer:
                 parts.append(np.full((int(span_lengths[v]),), self.placeholder_id, np.int32))
                 clips.append(v)
                 learned.append(0)
+                if span_suffixes is not None:
+                    parts.append(span_suffixes[v])
+                    clips.append(-1)
+                    learned.append(0)
             elif kind == "text":
                 parts.append(next(prompts))
                 clips.append(-1)

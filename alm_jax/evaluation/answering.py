@@ -12,6 +12,21 @@ compiled program serves a whole suite: every batch has `batch_size` rows (the la
 of its first row, whose answers are dropped) and its prompt length is rounded up to a multiple of
 `length_bucket` tokens. Answers are cut at the first EOS and decoded without special tokens.
 
+With `model.connector.transcript_tokens` > 0 (DeSTA2.5) every clip's audio tokens are followed by its transcript
+tokens. A record that carries `metadata["transcripts"]` uses them (DeSTA's `generate` with a given `text`);
+otherwise `WhisperTranscripts` writes them as DeSTA's inference does: a clip the voice-activity gate
+(`audio.vad.energy_vad`, the stand-in for Silero VAD) finds speech in is transcribed greedily by the frozen
+Whisper whose encoder is encoder 0 (its decoder loaded from the same directory, at most 128 new tokens,
+decoded without special tokens and stripped); a clip without speech gets " ". Differences from DeSTA: the gate is
+an energy rule, not Silero; a multilingual Whisper (large-v3) transcribes as English (`WhisperTranscripts.
+language`; no language detection here); the transcript is cut to `transcript_tokens` as in training (DeSTA cuts
+only its training text; at inference Whisper's 128-token limit bounds it).
+
+MATS (`model.connector.kind: mats`): the answers run the audio path with the run's Santa memory when there is one
+(`eval.santa`: auto = `<checkpoint.dir>/santa.safetensors`, written by `alm santa`): the CLAP audio embedding is
+mixed with its retrieved training captions before the mapper (`MatsConnector.set_santa`, on a view of the model
+given; the model itself is left as it is).
+
 Every process runs every prompt (the model's arrays may be sharded over one process's devices); evaluation
 of a multi-process run is not split across hosts.
 """
@@ -27,14 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alm_jax.audio.features import log_mel
 from alm_jax.audio.io import read_audio_file, resample
+from alm_jax.audio.vad import energy_vad, transcript_or_space
 from alm_jax.config import TrainConfig
 from alm_jax.data.multihost import sample_builder
 from alm_jax.data.pipeline import collate_prompts
 from alm_jax.data.records import AudioClip, Record
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import generate
+from alm_jax.models.connectors.mats import SantaMemory
 from alm_jax.models.llm import generate_greedy
+from alm_jax.recipes.mats import santa_path
 
 AUDIO_KEYS = ("audio", "audio_samples", "audio_features")
 Progress = Callable[[int, int], None]   # (items done, items in all)
@@ -59,6 +78,15 @@ class Answerer:
             raise ConfigError(f"evaluation batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and "
                               f"length_bucket ({length_bucket}) must be >= 1")
         self.builder = sample_builder(cfg, cfg.model.llm)
+        self.asr = None
+        if cfg.model.connector.transcript_tokens > 0:
+            if cfg.model.encoders[0].kind != "whisper":
+                raise ConfigError("model.connector.transcript_tokens > 0 writes inference transcripts with encoder "
+                                  f"0's Whisper decoder, but encoder 0 is {cfg.model.encoders[0].kind!r}; use a "
+                                  "Whisper encoder 0 or set model.connector.transcript_tokens=0")
+            self.asr = WhisperTranscripts(cfg.model.encoders[0].path, batch_size=batch_size)
+        path = santa_path(cfg)
+        self.santa = SantaMemory.load(path) if path is not None else None   # MATS inference (see the module doc)
         self.tokenizer = self.builder.tok.tok
         self.eos_id = int(self.builder.tok.eos_id)
         self.pad_id = int(self.builder.tok.pad_id)
@@ -121,8 +149,34 @@ class Answerer:
 
     # ---- the three ways to answer
 
+    def with_transcripts(self, model, records: Sequence[Record]) -> list[Record]:
+        """`records` with `metadata["transcripts"]` (one per clip) where transcripts are on and a record with
+        clips lacks them: written by `WhisperTranscripts` with `model`'s encoder 0 (see the module doc)."""
+        records = list(records)
+        todo = [i for i, r in enumerate(records) if r.clips and "transcripts" not in r.metadata]
+        if self.asr is None or not todo:
+            return records
+        waves = [c.decode(target_sr=self.sample_rate) for i in todo for c in records[i].clips]
+        texts = iter(self.asr(model.encoders[0], waves))
+        for i in todo:
+            r = records[i]
+            records[i] = dataclasses.replace(r, metadata={**r.metadata,
+                                                          "transcripts": [next(texts) for _ in r.clips]})
+        return records
+
+    def with_santa(self, model):
+        """`model` with this answerer's Santa memory on its MATS connector: a view sharing the model's arrays
+        (`model` unchanged), or `model` itself when there is no memory."""
+        if self.santa is None or not hasattr(model.connector, "set_santa"):
+            return model
+        view = nnx.merge(*nnx.split(model))
+        view.connector.set_santa(self.santa)
+        return view
+
     def alm_answers(self, model, records: Sequence[Record], progress: Progress | None = None) -> list[Answer]:
         """The ALM's greedy answers to `records` (prompts: messages ending with a user turn, audio in clips)."""
+        records = self.with_transcripts(model, records)
+        model = self.with_santa(model)
         out: list[Answer] = []
         for start, stop in self._batches(len(records)):
             batch = self._prompt_batch(self._fill(list(records[start:stop])))
@@ -180,6 +234,63 @@ class Answerer:
             total += float(kl)
             count += int(scored.sum())
         return total / count if count else 0.0
+
+
+class WhisperTranscripts:
+    """DeSTA2.5's inference transcripts: `transcripts(encoder, waves)` -> one string per waveform (16 kHz
+    `[samples]`): Whisper's greedy transcript (stripped) of a clip `energy_vad` finds speech in, " " otherwise.
+
+    `encoder`: the frozen `WhisperEncoder` of `whisper_dir` (the ALM's encoder 0); the decoder, its generation
+    settings (`language` for a multilingual model: no language detection here) and tokenizer load from
+    `whisper_dir` on first use. Clips go through in batches of `batch_size` rows (the last one filled), each
+    padded to the encoder's window (30 s for Whisper) as Whisper's feature extractor pads; at most
+    `max_new_tokens` tokens per transcript (DeSTA: 128)."""
+
+    def __init__(self, whisper_dir: str, *, batch_size: int = 8, max_new_tokens: int = 128, language: str = "en"):
+        self.whisper_dir, self.batch_size, self.max_new_tokens = str(whisper_dir), batch_size, max_new_tokens
+        self.language = language
+        self._loaded = None
+
+    def _load(self, encoder):
+        if self._loaded is None:
+            from transformers import AutoTokenizer
+
+            from alm_jax.weights.whisper_params import load_generation_config, load_whisper_decoder
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.whisper_dir)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"inference transcripts need the Whisper tokenizer in {self.whisper_dir} "
+                                  f"(model.encoders.0.path): {e}") from e
+            self._loaded = (load_whisper_decoder(self.whisper_dir, dtype=encoder.dtype),
+                            load_generation_config(self.whisper_dir, language=self.language), tokenizer)
+        return self._loaded
+
+    def __call__(self, encoder, waves: Sequence[np.ndarray]) -> list[str]:
+        from alm_jax.models.whisper_decoder import transcribe
+        if not waves:
+            return []
+        seconds = 2 * encoder.config.max_source_positions * 160 / 16000    # the encoder's window (30 s)
+        window = int(round(seconds * 16000))
+        audio = np.zeros((len(waves), window), np.float32)
+        valid = np.zeros((len(waves),), np.int32)
+        for k, w in enumerate(waves):
+            n = min(len(w), window)
+            audio[k, :n], valid[k] = w[:n], n
+        has_speech = np.asarray(energy_vad(audio, valid))
+        speech = [k for k in range(len(waves)) if has_speech[k]]
+        texts = [""] * len(waves)
+        if speech:
+            decoder, gen, tokenizer = self._load(encoder)
+            for start in range(0, len(speech), self.batch_size):
+                rows = speech[start:start + self.batch_size]
+                rows_full = rows + [rows[0]] * (self.batch_size - len(rows))
+                feats = log_mel(jnp.asarray(audio[rows_full]), n_mels=encoder.config.num_mel_bins,
+                                pad_to_seconds=seconds)
+                tokens, lengths = transcribe(encoder, decoder, feats, gen, max_new_tokens=self.max_new_tokens)
+                tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+                for j, k in enumerate(rows):
+                    texts[k] = tokenizer.decode(tokens[j, :lengths[j]].tolist(), skip_special_tokens=True).strip()
+        return transcript_or_space(has_speech, texts)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -7,11 +7,16 @@
       audio tokens `[N, M, llm_dim]` (valid prefix per clip; N = B * C clips, C per sample)
     input_ids `[B, T]` --LLM embedding--> text embeddings; where `audio_clip[b, t] >= 0` the position takes
       audio token `audio_pos[b, t]` of clip `audio_clip[b, t]` of row b --> inputs_embeds --> LLM logits
+    (MATS text-only training: a slot's tokens come from its caption instead, `caption_ids [N, L]` --CLAP's frozen
+      text tower (encoder 0)--> text embedding --connector.from_text (noise injection, mapper)--> `[N, M, llm_dim]`)
+    (DeSTA2.5 transcripts, `model.connector.transcript_tokens`: the ids of a clip's transcript follow its span in
+      `input_ids` as text positions (`audio_clip` -1), so the LLM embedding above writes `embed(transcript)` after
+      the clip's audio tokens, DeSTA's `_prepare_inputs_for_llm`; the pipeline places them, nothing here changes)
 
 `audio_clip`/`audio_pos` are row-local (the pipeline writes them per sample; nothing rewrites them when
 rows are concatenated into a global batch), and `M` never crosses the interface: the model decodes with
 its own output shape. Every clip is its own span, so a sample may hold any number of clips of different
-lengths (fixed spans for DeSTA/MATS, ceil(frames / 2) + 2 for ALARM). `token_rule(samples)` (the
+lengths (fixed spans for DeSTA/MATS, max(frames // 2, 1) + 2 for ALARM). `token_rule(samples)` (the
 connector's `TokenRule`) gives the exact span length the input pipeline reserves.
 """
 
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alm_jax.audio.fbank import w2v_bert_features
-from alm_jax.audio.features import log_mel, num_frames
+from alm_jax.audio.features import log_mel, num_frames, window_samples
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.errors import ConfigError
 from alm_jax.models.clap import ClapAudioTower
@@ -84,6 +89,9 @@ class AudioLanguageModel(nnx.Module):
                 modules = ", ".join(f"{k}: {m.__name__}" for k, m in ENCODER_MODULES.items())
                 raise ConfigError(f"model.encoders.{i}.kind={c.kind!r} but encoder {i} is a {type(e).__name__}; "
                                   f"set the kind that matches the module ({modules})")
+            if c.window_seconds is not None and (c.kind != "whisper" or c.pad_to_seconds is not None):
+                raise ConfigError(f"model.encoders.{i}.window_seconds={c.window_seconds} windows a Whisper encoder's "
+                                  "trimmed clip buffer; use it with kind whisper and pad_to_seconds null")
         self.encoders = nnx.List(list(encoders))
         self.llm = llm
         self.encoder_cfgs = tuple(encoder_cfgs)
@@ -112,6 +120,8 @@ class AudioLanguageModel(nnx.Module):
 
     def _whisper_states(self, i, audio, features, audio_samples):
         enc, cfg = self.encoders[i], self.encoder_cfgs[i]
+        if cfg.window_seconds is not None:
+            return self._whisper_window_states(i, audio, features, audio_samples)
         if features is not None:
             feats = self._check_features(i, features)
         elif audio is not None:
@@ -121,6 +131,27 @@ class AudioLanguageModel(nnx.Module):
         valid = self.connector.encoder_valid_positions(audio_samples) if audio_samples is not None else None
         out = enc(feats.astype(enc.dtype), valid_positions=valid, keep=self.tapped_blocks(i))
         return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+
+    def _whisper_window_states(self, i, audio, features, audio_samples):
+        """ALARM's Whisper input (`window_seconds`): the buffer `[N, S]` cut into W = ceil(S / window) windows, each
+        padded to the window, its log-mel taken alone (the extractor's per-piece floor) and encoded alone; a
+        window wholly past a clip's end enters as zero features (ALARM's batch padding of features). The
+        windows' states, concatenated in time: `[N, W * window frames, d]`; valid rows as `encoder_frames`."""
+        enc, cfg = self.encoders[i], self.encoder_cfgs[i]
+        if audio is None or features is not None:
+            raise ConfigError(f"model.encoders.{i}.window_seconds encodes windows of the waveforms; host log-mel "
+                              "features are not windowed: set data.host_features=false")
+        win = window_samples(cfg.window_seconds, 16000)   # the 16 kHz clip buffer
+        n, s = audio.shape
+        w = -(-s // win)
+        pieces = jnp.pad(audio, ((0, 0), (0, w * win - s))).reshape(n * w, win)
+        samples = jnp.clip(audio_samples[:, None] - win * jnp.arange(w)[None], 0, win).reshape(n * w)
+        feats = log_mel(pieces, n_mels=enc.config.num_mel_bins, pad_to_seconds=cfg.window_seconds)
+        feats = jnp.where((samples > 0)[:, None, None], feats, 0.0)
+        valid = self.connector.encoder_valid_positions(samples)
+        out = enc(feats.astype(enc.dtype), valid_positions=valid, keep=self.tapped_blocks(i))
+        states = out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
+        return [x.reshape(n, w * x.shape[1], *x.shape[2:]) for x in states]
 
     def tapped_blocks(self, i: int) -> tuple[int, ...]:
         """The Whisper blocks whose outputs encoder i's taps read: a "blocks" tap t is block t; an "hf" tap t
@@ -166,30 +197,61 @@ class AudioLanguageModel(nnx.Module):
         None), audio_samples `[N]` valid samples -> `[N, M, llm_dim]` where clip n's first
         `num_audio_tokens(audio_samples[n])` rows are its tokens. Host features serve every encoder, so
         they must fit each one's mel bins and padding."""
-        states = [self.encoder_states(i, audio, features, audio_samples)
-                  for i in range(len(self.connector.encoder_taps))]
-        return self.connector(states, audio_samples)
+        states = []
+        for i in range(len(self.connector.encoder_taps)):
+            with jax.named_scope(f"encoder{i}"):      # scopes name the parts in profiles (op_name metadata)
+                states.append(self.encoder_states(i, audio, features, audio_samples))
+        with jax.named_scope("connector"):
+            return self.connector(states, audio_samples)
 
     def num_audio_tokens(self, num_samples: int) -> int:
         return self.token_rule(num_samples)
 
     # ---- splicing and the LLM
 
+    def caption_tokens(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """MATS text-only training: CLAP text tokens `[N, L]` (+ mask) of the clip slots' captions -> encoder 0's
+        text embeddings (frozen: stop_gradient) -> the connector's text path -> `[N, M, llm_dim]`."""
+        enc = self.encoders[0]
+        if not hasattr(enc, "text_embeds") or not hasattr(self.connector, "from_text"):
+            raise ConfigError(f"the batch holds caption tokens (text-only records) but encoder 0 "
+                              f"({self.encoder_cfgs[0].kind}) has no text tower or connector "
+                              f"{type(self.connector).kind!r} no text path; text-only training needs "
+                              "model.connector.kind=mats with a CLAP encoder (model.encoders.0.kind=clap)")
+        emb = jax.lax.stop_gradient(enc.text_embeds(ids, mask))
+        return self.connector.from_text(emb)
+
     def embed_inputs(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Text embeddings with audio tokens written where `audio_clip >= 0` -> `[B, T, llm_dim]`. The audio
-        comes from `batch["audio_features"]` (host log-mel) when present, else `batch["audio"]`."""
+        comes from `batch["audio_features"]` (host log-mel) when present, else `batch["audio"]`; a slot whose
+        row of `batch["caption_ids"]` holds tokens (MATS text-only records) takes `caption_tokens` instead."""
         text = self.llm.embed(batch["input_ids"])
+        tokens = None
         if "audio_features" in batch:
             tokens = self.audio_tokens(None, batch["audio_samples"], features=batch["audio_features"])
         elif "audio" in batch:
             tokens = self.audio_tokens(batch["audio"], batch["audio_samples"])
-        else:
+        if "caption_ids" in batch:
+            captions = self.caption_tokens(batch["caption_ids"], batch["caption_mask"])
+            if tokens is None:
+                tokens = captions
+            else:
+                has_text = batch["caption_mask"].astype(bool).any(axis=-1)
+                tokens = jnp.where(has_text[:, None, None], captions.astype(tokens.dtype), tokens)
+        if tokens is None:
             return text
         return splice_audio(text, tokens, batch["audio_clip"], batch["audio_pos"])
 
+    def hidden(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The LLM's final normed hidden states `[B, T, llm_dim]` for a pipeline batch (the loss applies the
+        head itself, block by block: `training/loss.py`)."""
+        embeds = self.embed_inputs(batch)
+        with jax.named_scope("llm"):
+            return self.llm.hidden_states(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"))[0]
+
     def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Logits `[B, T, vocab]` float32 for a pipeline batch (see alm_jax/data/pipeline.py)."""
-        return self.llm(inputs_embeds=self.embed_inputs(batch), attention_mask=batch.get("attention_mask"))
+        return self.llm.logits(self.hidden(batch))
 
 
 def splice_audio(text: jax.Array, tokens: jax.Array, clip: jax.Array, pos: jax.Array) -> jax.Array:

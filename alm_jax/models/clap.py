@@ -603,10 +603,13 @@ class ClapModel(nnx.Module):
 # ---- CLAP as a frozen ALM encoder ---------------------------------------------------------------------------
 
 class ClapAudioTower(nnx.Module):
-    """The audio half of a `ClapModel` as an ALM encoder (`EncoderConfig.kind: clap`): 16 kHz waveforms `[N, S]`
-    + valid samples `[N]` -> on-device features (`alm_jax.audio.clap_device`) -> HTSAT -> projection ->
-    `[N, projection_dim]` L2-normalised clip embeddings (HF `get_audio_features`). One embedding per clip: the
-    ALM sees it as a one-frame state `[N, 1, projection_dim]` (what MATS's mapper reads)."""
+    """CLAP as an ALM encoder (`EncoderConfig.kind: clap`): 16 kHz waveforms `[N, S]` + valid samples `[N]` ->
+    on-device features (`alm_jax.audio.clap_device`) -> HTSAT -> projection -> `[N, projection_dim]` L2-normalised
+    clip embeddings (HF `get_audio_features`). One embedding per clip: the ALM sees it as a one-frame state
+    `[N, 1, projection_dim]` (what MATS's mapper reads).
+
+    The text tower rides along (frozen, like the audio side): `text_embeds(input_ids, attention_mask)` ->
+    `[N, projection_dim]` (HF `get_text_features`), what MATS trains its mapper on instead of the audio."""
 
     def __init__(self, model: ClapModel, features: ClapFeatureSettings):
         if features.feature_size != model.config.audio.num_mel_bins:
@@ -615,6 +618,8 @@ class ClapAudioTower(nnx.Module):
         self.config, self.dtype, self.features = model.config, model.dtype, features
         self.audio_model = model.audio_model
         self.audio_projection = model.audio_projection
+        self.text_model = model.text_model
+        self.text_projection = model.text_projection
 
     @property
     def d_model(self) -> int:
@@ -625,3 +630,8 @@ class ClapAudioTower(nnx.Module):
         is_longer = jnp.zeros((audio.shape[0], 1), bool)
         pooled = self.audio_model(feats, is_longer).pooler_output
         return l2_normalize(self.audio_projection(pooled))
+
+    def text_embeds(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """input_ids / attention_mask `[N, tokens]` (the CLAP tokenizer's) -> `[N, projection_dim]` float32,
+        L2-normalised (HF `get_text_features`)."""
+        return l2_normalize(self.text_projection(self.text_model(input_ids, attention_mask)[1]))

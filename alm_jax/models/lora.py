@@ -17,12 +17,21 @@ is matched against the per-layer paths (`layers/3/self_attn/q_proj`), as for an 
 only some layers of a stacked Linear, a frozen `LoRALayerMask` `[L]` (1 = picked) zeroes the others' update
 (their factors exist but never act, get zero gradients and are not exported). `lora_per_layer` lists the
 adapters layer by layer, with per-layer paths, for the exports.
+
+Dropout (PEFT's `lora_dropout`, on the branch's input only): each adapted layer draws its masks from its own
+stream, keyed by `fold_in(base, crc32(per-layer path))` with `base` one draw from the `dropout` stream of the
+`rngs` given to `apply_lora`, and counted by an `nnx.RngCount` that advances once per call. A stacked
+wrapper holds its layers' keys and counts stacked `[L]`, so the scanned stack hands each layer its slice
+and writes the advanced counts back (`stack.run_stack`); an unrolled stack's wrappers hold the same keys one
+each. Scanned and unrolled therefore draw the same masks, and a checkpoint of the counts
+(`models.alm.RUNNING_STATE`) resumes the sequence exactly. `model.eval()` turns dropout off.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +55,20 @@ class LoRALayerMask(nnx.Variable):
     """Which layers of a stacked LoRA wrapper act: `[L]` float32, 1 = adapted, 0 = not (frozen, never trained)."""
 
 
+def dropout_key(base: jax.Array, path: str) -> jax.Array:
+    """The dropout key of the adapted layer at per-layer module path `path` ("layers/3/self_attn/q_proj")."""
+    return jax.random.fold_in(base, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
 class LoRALinear(nnx.Module):
     """A `Linear` plus a low-rank update. x `[..., in]` -> `[..., out]` in the base's dtype.
 
     On a stacked base (kernel `[L, in, out]`, inside a scanned stack) the factors are stacked too and
-    `layers` (L bools) says which layers are adapted (None: all)."""
+    `layers` (L bools) says which layers are adapted (None: all). `dropout_keys`: the dropout stream's key
+    (`[L]` keys on a stacked base); None draws it from `rngs`."""
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs,
-                 layers: tuple[bool, ...] | None = None):
+                 layers: tuple[bool, ...] | None = None, dropout_keys: jax.Array | None = None):
         if rank < 1:
             raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
@@ -71,7 +86,14 @@ class LoRALinear(nnx.Module):
         partial = layers is not None and not all(layers)
         self.layer_mask = (LoRALayerMask(jnp.asarray(layers, jnp.float32), out_sharding=(LAYER_AXIS,),
                                          eager_sharding=False) if partial else None)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        drop = None
+        if dropout > 0:
+            if dropout_keys is None:
+                dropout_keys = rngs["dropout"]()
+                dropout_keys = jax.random.split(dropout_keys, lead[0]) if lead else dropout_keys
+            drop = nnx.Dropout(dropout)
+            drop.rngs = nnx.RngStream(dropout_keys, tag="dropout")   # key and count [L] when stacked
+        self.dropout = drop
         self.merged = False
 
     @property
@@ -128,7 +150,9 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
                rngs: nnx.Rngs) -> list[str]:
     """Wrap, in place, every `Linear` whose path (e.g. "layers/3/attn/q_proj") matches `target_regex`
     (`re.search`) in a `LoRALinear`. Returns the wrapped paths, sorted. Linears already inside a
-    `LoRALinear` are skipped. A regex that matches no Linear raises `ConfigError` naming it."""
+    `LoRALinear` are skipped. A regex that matches no Linear raises `ConfigError` naming it. With `dropout`
+    > 0, one key is drawn from `rngs`' dropout stream and each adapted layer's stream is derived from it and
+    its per-layer path (see the module doc), the same for a scanned and an unrolled stack."""
     try:
         pattern = re.compile(target_regex)
     except re.error as e:
@@ -147,13 +171,15 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
         names = [_path_str(p) for path, _ in candidates for p in layer_paths(path, found)]
         raise ConfigError(f"LoRA target_regex {target_regex!r} matches no Linear layer; "
                           f"{len(names)} Linear paths exist, e.g. {names[:8]}")
+    base_key = rngs["dropout"]() if dropout > 0 else None   # before any factor is drawn: one draw either way
     for path, lin, picked in hits:
         stacked = lin.kernel.ndim == 3
-        if stacked and dropout > 0:
-            raise ConfigError(f"LoRA dropout ({dropout}) on the scanned layer stack at {_path_str(path)} is not "
-                              "supported; set model.lora.dropout=0 or model.scan_layers=false")
+        keys = None
+        if base_key is not None:
+            keys = jnp.stack([dropout_key(base_key, _path_str(p)) for p in layer_paths(path, found)])
+            keys = keys if stacked else keys[0]
         wrapper = LoRALinear(lin, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs,
-                             layers=picked if stacked else None)
+                             layers=picked if stacked else None, dropout_keys=keys)
         parent, key = _parent(model, path), path[-1]
         if isinstance(key, int):
             parent[key] = wrapper

@@ -32,6 +32,7 @@ from alm_jax.errors import ConfigError
 from alm_jax.models.alm import split_trainable
 from alm_jax.sharding import batch_sharding, make_mesh, state_shardings
 from alm_jax.training.flops import one_sample, step_flops
+from alm_jax.training.staged import apply_freeze, split_fixed
 from alm_jax.training.step import (TrainState, alm_loss, build_train_step, make_optimizer, make_schedule,
                                   split_model_state)
 from alm_jax.training.tpu_topology import TpuSlice, topology_devices, tpu_slice
@@ -127,10 +128,12 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
     batch = abstract_batch(cfg, model.encoders[0].config.num_mel_bins if cfg.model.encoders[0].kind == "whisper"
                            else 0, mesh)
     flops = step_flops(model, one_sample(batch), cfg.data.batch_size)["train"]
+    fixed_filter = apply_freeze(model, cfg.model)   # staged training: as `alm train` splits it
     graphdef, trainable, frozen = split_trainable(model)
+    trainable, fixed = split_fixed(trainable, fixed_filter)
     frozen, model_state = split_model_state(frozen)
     trainable, frozen = _with_shardings(trainable, mesh), _with_shardings(frozen, mesh)
-    model_state = _with_shardings(model_state, mesh)
+    model_state, fixed = _with_shardings(model_state, mesh), _with_shardings(fixed, mesh)
     tx = make_optimizer(cfg.optim)
     opt_shapes = jax.eval_shape(tx.init, trainable)
     opt_shardings = jax.jit(tx.init).lower(trainable).compile().output_shardings
@@ -138,7 +141,7 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
     opt_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if getattr(s, "mesh", None) == mesh
                                           else replicated), opt_shapes, opt_shardings)
-    state = TrainState(trainable, opt_state, model_state)
+    state = TrainState(trainable, opt_state, model_state, fixed)
     step_fn = build_train_step(graphdef, tx, alm_loss, grad_accum=cfg.optim.grad_accum,
                                schedule=make_schedule(cfg.optim))
     step_index = jax.ShapeDtypeStruct((), jnp.int32)
@@ -165,7 +168,7 @@ def compile_train_step(cfg: TrainConfig, topology: str | TpuSlice) -> CompileRep
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        params={"trainable": count(trainable), "frozen": count(frozen)},
+        params={"trainable": count(trainable), "frozen": count(frozen) + count(fixed)},
         model_flops_per_step=int(flops),
         compiled_flops_per_device=float(cost["flops"]) if cost and "flops" in cost else None,
         peak_flops_per_device=spec.peak_flops, lower_seconds=t1 - t0, compile_seconds=t2 - t1)

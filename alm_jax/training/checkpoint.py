@@ -582,3 +582,54 @@ def save_trained(model, directory: str | Path, step: int, config: Mapping | None
         ckpt.save(step, state, force=True)
     finally:
         ckpt.close()
+
+
+def read_learned(directory: str | Path, step: int | None, prefixes) -> tuple[dict[str, np.ndarray], int]:
+    """The learned arrays of a training checkpoint under dotted `prefixes` (e.g. "connector.adapters.0"):
+    `({path: array}, step)`, paths relative to the model ("connector.adapters.0.conv1.kernel"), read from its
+    `trainable` item and the BatchNorm statistics of its `model_state` (dropout counters are not read). Only
+    the selected arrays are read; no model of the earlier run is built (`training/staged.py::init_from_runs`)."""
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        step = reader._check_step(step)
+        step_dir = reader._step_dir(step)
+        try:
+            stored = reader._mngr.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {step_dir} is unreadable (corrupt or partial?): {e}") from e
+    finally:
+        reader.close()
+    tree = getattr(stored, "tree", stored)
+    if not isinstance(tree, Mapping) or "trainable" not in tree:
+        raise CheckpointError(f"checkpoint {step_dir} has no trained parameters; it was not written by alm_jax")
+    prefixes = tuple(prefixes)
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    names: dict[tuple, str] = {}
+
+    def select(item: str, node, path: tuple):
+        if isinstance(node, Mapping):
+            out = {k: select(item, v, path + (str(k),)) for k, v in node.items()}
+            return {k: v for k, v in out.items() if v is not None} or None
+        name = ".".join(path[:-1] if path and path[-1] == "value" else path)
+        if not any(name == p or name.startswith(p + ".") for p in prefixes):
+            return None
+        dtype = np.dtype(getattr(node, "dtype", np.float32))
+        if item == "model_state" and not np.issubdtype(dtype, np.floating):
+            return None   # a dropout counter
+        names[(item,) + path] = name
+        return jax.ShapeDtypeStruct(tuple(node.shape), dtype, sharding=cpu)
+
+    abstract = {item: sub for item in ("trainable", "model_state") if item in tree
+                and (sub := select(item, tree[item], ())) is not None}
+    if not abstract:
+        return {}, step
+    try:
+        out = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"reading {list(prefixes)} from checkpoint {step_dir} failed: "
+                              f"{type(e).__name__}: {e}") from e
+    found = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+        found[names[tuple(_key_str(k) for k in path)]] = np.asarray(leaf)
+    return found, step

@@ -218,6 +218,8 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
     text_len = sample["input_ids"].shape[1]
     trace = lambda f, *args: matmul_flops(jax.make_jaxpr(f)(params, *args))   # noqa: E731
     used = range(len(model.connector.encoder_taps))
+    if not {"audio", "audio_features"} & sample.keys():   # text-only batches (MATS captions) run no audio encoder
+        used = range(0)
 
     encoder = taken = 0
     for i in used:
@@ -241,6 +243,10 @@ def step_flops(model, sample: dict[str, Any], batch_size: int) -> dict[str, int]
         frames = -(-feats.shape[2] // 2)
         encoder += encoder_forward_flops(_encoder_layers_run(model, i), c.d_model, c.encoder_ffn_dim,
                                            c.encoder_attention_heads, c.num_mel_bins, frames)
+    if "caption_ids" in sample:   # MATS text-only: CLAP's frozen text tower (forward only), from its traced program
+        own = trace(lambda st, i, m: nnx.merge(graphdef, st).encoders[0].text_embeds(i, m), sample["caption_ids"],
+                    sample["caption_mask"])
+        taken, encoder = taken + own, encoder + own
     lc = model.llm.cfg
     embeds = jax.ShapeDtypeStruct((1, text_len, lc.hidden_size), model.dtype)
     mask = sample.get("attention_mask")

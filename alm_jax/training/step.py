@@ -18,6 +18,7 @@ from flax import nnx, struct
 from alm_jax.config import OptimConfig
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import RUNNING_STATE
+from alm_jax.training.loss import blocked_cross_entropy
 
 Batch = dict[str, jax.Array]
 # loss_fn(model, batch) -> (sum of per-token losses, number of loss tokens, aux metrics dict)
@@ -38,9 +39,9 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
 
 
 def alm_loss(model, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
-    """The ALM's loss (a `LossFn`): token-summed cross-entropy of `model(batch)` over the loss mask, and
-    the token count."""
-    s, n = masked_cross_entropy(model(batch), batch["targets"], batch["loss_mask"])
+    """The ALM's loss (a `LossFn`): token-summed cross-entropy of the model's logits over the loss mask, and
+    the token count; the vocabulary head runs only on blocks of positions with loss tokens (`loss.py`)."""
+    s, n = blocked_cross_entropy(model.hidden(batch), model.llm.logits, batch["targets"], batch["loss_mask"])
     return s, n, {}
 
 
@@ -49,24 +50,34 @@ class TrainState:
     """What a training step updates: the trainable parameters (connector + LoRA, an `nnx.State`), their
     optimizer state, and `model_state`, what a training forward updates (`models.alm.RUNNING_STATE`: BatchNorm
     running statistics, used in eval mode, and dropout RNG counters, so each step draws new masks and a resumed
-    run draws the same ones; an empty State when the model has neither).
+    run draws the same ones; an empty State when the model has neither), and `fixed`, the learned parameters
+    `model.freeze` holds fixed (`training/staged.py`: no gradient, no optimizer state; None or empty without).
     Frozen weights travel separately (never donated, never saved)."""
     trainable: Any
     opt_state: Any
     model_state: Any = None
+    fixed: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         """The checkpointed form: `{"trainable", "opt_state"}`, plus `"model_state"` when there is one (so runs
-        without BatchNorm keep the layout older checkpoints have)."""
-        out = {"trainable": self.trainable, "opt_state": self.opt_state}
+        without BatchNorm keep the layout older checkpoints have). `trainable` holds every learned parameter:
+        the fixed ones are saved with the trained ones (what eval and export read); `opt_state` covers only
+        the trained ones."""
+        trainable = nnx.merge_state(self.trainable, self.fixed) if has_leaves(self.fixed) else self.trainable
+        out = {"trainable": trainable, "opt_state": self.opt_state}
         if has_leaves(self.model_state):
             out["model_state"] = self.model_state
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], model_state: Any = None) -> "TrainState":
-        """The inverse of `as_dict`; `model_state` when `d` has none (an empty State)."""
-        return cls(d["trainable"], d["opt_state"], d.get("model_state", model_state))
+    def from_dict(cls, d: dict[str, Any], model_state: Any = None, fixed: Any = None) -> "TrainState":
+        """The inverse of `as_dict`; `model_state` when `d` has none (an empty State). `fixed`: a state with the
+        fixed parameters' paths (this run's), which are taken out of `d["trainable"]` again."""
+        trainable = d["trainable"]
+        if has_leaves(fixed):
+            names = {tuple(p) for p, _ in nnx.to_flat_state(fixed)}
+            fixed, trainable = nnx.filter_state(trainable, lambda path, _: tuple(path) in names, ...)
+        return cls(trainable, d["opt_state"], d.get("model_state", model_state), fixed)
 
 
 def has_leaves(tree: Any) -> bool:
@@ -138,6 +149,8 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
 
     def step(state: TrainState, frozen, batch, step_index):
         trainable, opt_state, model_state = state.trainable, state.opt_state, state.model_state
+        if has_leaves(state.fixed):   # held fixed (model.freeze): in the forward, out of the gradient
+            frozen = nnx.merge_state(frozen, state.fixed)
         if grad_accum == 1:
             loss_sum, n_tok, g, aux, new_stats = grads_of(trainable, frozen, model_state, batch)
         else:   # running statistics see the microbatches in order, as separate forwards would
@@ -163,7 +176,8 @@ def build_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n_tok, "skipped": 1 - ok.astype(jnp.int32), **aux}
         if schedule is not None:
             metrics["lr"] = schedule(step_index)
-        return TrainState(keep(new_trainable, trainable), keep(new_opt, opt_state), keep(new_stats, model_state)), metrics
+        return TrainState(keep(new_trainable, trainable), keep(new_opt, opt_state), keep(new_stats, model_state),
+                          state.fixed), metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 

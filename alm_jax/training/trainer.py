@@ -4,7 +4,9 @@
 
 Each stage lives in its own module; this file only wires them:
   mesh        `alm_jax/sharding.py` (the one logical-axis rule table)
-  model       `weights/alm_params.py::build_alm` (frozen encoders + LLM, LoRA, a fresh connector)
+  model       `weights/alm_params.py::build_alm` (frozen encoders + LLM, LoRA, a fresh connector); staged
+              training `training/staged.py` (`model.init_from`: earlier runs' weights on a fresh start;
+              `model.freeze`: learned modules held fixed, in the train state without optimizer state)
   data        `data/multihost.py` (the global batch of any process count, checkpointable iterator)
   step        `training/step.py` (pure: loss, trainable-only grads, accumulation, non-finite guard)
   evals       the `evaluators` given (`alm_jax/evaluation`), each `eval.every` steps
@@ -52,7 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alm_jax.config import (ModelConfig, TrainConfig, check_resume_changes, resume_config_changes, to_dict,
+from alm_jax.config import (TrainConfig, check_resume_changes, resume_config_changes, to_dict,
                             validate_train_config)
 from alm_jax.data.multihost import build_batches, process_rows, to_global
 from alm_jax.errors import CheckpointError, ConfigError, DataError
@@ -64,6 +66,7 @@ from alm_jax.training.checkpoint import (DIVERGED_DIR, Checkpointer, PreemptionG
 from alm_jax.training.divergence import Divergence, DivergenceGuard
 from alm_jax.training.flops import one_sample, peak_flops_per_device, step_flops
 from alm_jax.training.metrics import MetricsAggregator, MetricsLogger, StepTimer
+from alm_jax.training.staged import apply_freeze, check_init_from, init_from_runs, split_fixed
 from alm_jax.training.step import (TrainState, alm_loss, build_train_step, make_optimizer, make_schedule,
                                   split_model_state)
 from alm_jax.weights.alm_params import build_alm
@@ -78,15 +81,6 @@ class TrainResult:
     bad_samples: dict
     eval_losses: dict[int, float] = dataclasses.field(default_factory=dict)   # step -> eval/loss
     flops_per_step: int | None = None
-
-
-def refuse_untracked_state(cfg: ModelConfig, model) -> None:
-    """The step carries params, optimizer state and the running state (BatchNorm statistics, connector dropout
-    counters); LoRA dropout is refused up front (a scanned layer stack cannot hold it, and an unrolled one has
-    not been checked for exact resume yet)."""
-    if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
-        raise ConfigError("model.lora.dropout > 0 is not supported in training yet (LoRA dropout streams are not "
-                          "carried through scanned layer stacks); set model.lora.dropout=0")
 
 
 def _want_sync(cfg: TrainConfig) -> bool:
@@ -173,7 +167,7 @@ def _restore(plan: _ResumePlan, state: TrainState, data_iter) -> tuple[TrainStat
         raise CheckpointError(f"{e}{hint}") from e
     finally:
         reader.close()
-    return TrainState.from_dict(saved, state.model_state), point.step
+    return TrainState.from_dict(saved, state.model_state, state.fixed), point.step
 
 
 def _sync(name: str) -> None:
@@ -243,15 +237,24 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
     _prepare_dir(cfg.checkpoint.dir, "checkpoint.dir")
     _prepare_dir(cfg.logging.dir, "logging.dir")
     plan = _plan_resume(cfg)   # refusals come before anything is built
+    if plan.point is None:
+        check_init_from(cfg.model.init_from)   # staged training: the earlier runs are there
     # ---- mesh and model
     mesh = mesh_from_config(cfg.mesh)
     rows = process_rows(mesh, cfg.data.batch_size)
     model = build_alm(cfg.model, mesh=mesh, seed=cfg.seed)
-    refuse_untracked_state(cfg.model, model)
+    if plan.point is None:   # staged training: earlier runs' weights (a resumed run has them in its checkpoint)
+        for line in init_from_runs(model, cfg.model.init_from):
+            _say(line)
+    fixed_filter = apply_freeze(model, cfg.model)   # model.freeze: their modes, before the graph is split
     graphdef, trainable, frozen = split_trainable(model)
+    trainable, fixed = split_fixed(trainable, fixed_filter)   # held fixed: no gradient, no optimizer state
     frozen, model_state = split_model_state(frozen)   # BatchNorm running statistics ride in the train state
     del model   # its arrays live on in (trainable, model_state, frozen)
     trainable = jax.device_put(trainable, state_shardings(trainable, mesh))
+    fixed = jax.device_put(fixed, state_shardings(fixed, mesh))
+    model_state = jax.device_put(model_state, state_shardings(model_state, mesh))   # as the step returns it: no
+                                                                                     # second compile at step 2
 
     # ---- data
     if data_shards is None:
@@ -260,7 +263,7 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
 
     # ---- optimizer, step, restore
     tx = make_optimizer(cfg.optim)
-    state = TrainState(trainable, place_on_mesh(jax.jit(tx.init)(trainable), mesh), model_state)
+    state = TrainState(trainable, place_on_mesh(jax.jit(tx.init)(trainable), mesh), model_state, fixed)
     step_fn = build_train_step(graphdef, tx, alm_loss, grad_accum=cfg.optim.grad_accum,
                                schedule=make_schedule(cfg.optim))
     state, start = _restore(plan, state, data_iter)
@@ -305,8 +308,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
                 stopped_by = "data_exhausted"
                 break
             if agg is None:   # FLOPs need the batch shapes: count them once, at the first batch
-                flops_per_step = step_flops(nnx.merge(graphdef, state.trainable, frozen, state.model_state),
-                                            one_sample(batch),
+                flops_per_step = step_flops(nnx.merge(graphdef, state.trainable, frozen, state.model_state,
+                                                      state.fixed), one_sample(batch),
                                             cfg.data.batch_size)["train"]
                 agg = MetricsAggregator(flops_per_step=flops_per_step, num_devices=jax.device_count(),
                                         peak_flops_per_device=peak_flops_per_device())
@@ -328,7 +331,7 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
                     skipped=skipped, bad_samples=bad_deltas())
             row: dict[str, Any] = {}
             if evaluators and step % cfg.eval.every == 0:
-                evaluated = nnx.merge(graphdef, state.trainable, frozen, state.model_state)
+                evaluated = nnx.merge(graphdef, state.trainable, frozen, state.model_state, state.fixed)
                 evaluated.eval()   # running statistics, no dropout; evaluators never update the train state
                 for ev in evaluators:
                     row.update(ev.run(evaluated))

@@ -124,7 +124,7 @@ def load_clap(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) 
 def load_clap_audio(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> ClapAudioTower:
     """CLAP's audio tower + audio projection as a frozen ALM encoder (`EncoderConfig.kind: clap`), with the
     feature settings of the directory's `preprocessor_config.json` (HF's defaults, at the tower's mel bins,
-    when there is none). The text tower is read (the import is strict) and dropped."""
+    when there is none). The text tower comes along (MATS embeds its training captions with it)."""
     model = load_clap(path, dtype=dtype, mesh=mesh)
     pre = Path(path) / "preprocessor_config.json"
     if pre.is_file():

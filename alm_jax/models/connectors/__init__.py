@@ -9,14 +9,15 @@ llm_dim]` out; its token rule; which encoders and taps it reads). Adding a kind 
 - `qformer`: DeSTA2.5 multi-tap Q-Former (`QFormerConnector`, `load_bert_qformer_weights`).
 - `alarm_adapter`: ALARM per-encoder adapters (`AlarmAdapter`, `MLPAdapter`, `IdentityAdapter`).
 - `fusion`: ALARM fusion (`CrossAttentionFusion`, `PerceiverFusion`, `SumFusion`) and `AudioBoundary`.
-- `mats`: MATS `ClipCapMapper`, `noise_injection`, `kmeans`, `SantaMemory`.
+- `mats`: MATS `ClipCapMapper`, `noise_injection` / `CaptionNoise`, `kmeans`, `SantaMemory`.
 - `common`: attention, conv, BatchNorm and layer-average building blocks.
 """
 
 from alm_jax.errors import ConfigError
 from alm_jax.models.connectors.alarm import AlarmCAConnector, AlarmConnector, AlarmPConnector, SumConnector
 from alm_jax.models.connectors.alarm_adapter import (
-    AlarmAdapter, AlarmAdapterConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig)
+    AlarmAdapter, AlarmAdapterConfig, IdentityAdapter, IdentityAdapterConfig, MaskedBatchNorm1d, MLPAdapter,
+    MLPAdapterConfig, freeze_statistics)
 from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule, token_rule_for
 from alm_jax.models.connectors.common import BatchNorm1d, LayerSoftmaxAverage, MultiHeadAttention
 from alm_jax.models.layers import Conv1d
@@ -24,8 +25,8 @@ from alm_jax.models.connectors.fusion import (
     AudioBoundary, CrossAttentionFusion, CrossAttentionFusionConfig, Perceiver, PerceiverConfig,
     PerceiverFusion, PerceiverFusionConfig, PreNormDecoderLayer, SumFusion)
 from alm_jax.models.connectors.mats import (
-    DEFAULT_NOISE_STD, ClipCapMapper, ClipCapMapperConfig, MatsConnector, SantaBank, SantaConfig, SantaMemory, kmeans,
-    l2_normalize, noise_injection)
+    DEFAULT_NOISE_STD, CaptionNoise, ClipCapMapper, ClipCapMapperConfig, MatsConnector, SantaBank, SantaConfig,
+    SantaMemory, SantaMix, kmeans, l2_normalize, noise_injection)
 from alm_jax.models.connectors.qwen2_audio import Qwen2AudioConnector
 from alm_jax.models.connectors.qformer import (
     BertQFormerLayer, DestaConnector, QFormerConfig, QFormerConnector, QFormerStack, load_bert_qformer_weights)
@@ -58,10 +59,10 @@ __all__ = [
     "TokenRule", "DestaConnector", "AlarmConnector",
     "AlarmCAConnector", "AlarmPConnector", "SumConnector", "MatsConnector",
     "AlarmAdapter", "AlarmAdapterConfig", "IdentityAdapter", "IdentityAdapterConfig", "MLPAdapter",
-    "MLPAdapterConfig", "BatchNorm1d", "Conv1d", "LayerSoftmaxAverage", "MultiHeadAttention", "AudioBoundary",
+    "MLPAdapterConfig", "MaskedBatchNorm1d", "freeze_statistics", "BatchNorm1d", "Conv1d", "LayerSoftmaxAverage", "MultiHeadAttention", "AudioBoundary",
     "CrossAttentionFusion", "CrossAttentionFusionConfig", "Perceiver", "PerceiverConfig", "PerceiverFusion",
-    "PerceiverFusionConfig", "PreNormDecoderLayer", "SumFusion", "DEFAULT_NOISE_STD", "ClipCapMapper",
-    "ClipCapMapperConfig", "SantaBank", "SantaConfig", "SantaMemory", "kmeans", "l2_normalize",
+    "PerceiverFusionConfig", "PreNormDecoderLayer", "SumFusion", "DEFAULT_NOISE_STD", "CaptionNoise", "ClipCapMapper",
+    "ClipCapMapperConfig", "SantaBank", "SantaConfig", "SantaMemory", "SantaMix", "kmeans", "l2_normalize",
     "noise_injection", "BertQFormerLayer", "QFormerConfig", "QFormerConnector", "QFormerStack",
     "load_bert_qformer_weights",
 ]

@@ -1,8 +1,15 @@
 """MATS: the ClipCap-style mapper from a CLAP embedding to LLM tokens, text-side noise injection, and the
 Santa memory (k-means over CLAP text embeddings; retrieval that pulls an audio embedding toward text).
 
+    training (text only):  caption -> CLAP text tower -> normalize(normalize(e) + N(0, 0.015 I)) -> mapper -> LLM
+    inference (audio):     clip -> CLAP audio tower -> Santa(z_a; memory of the training captions) -> mapper -> LLM
+
+`MatsConnector.from_text` is the training path (the ALM feeds it its CLAP encoder's text embeddings, see
+`AudioLanguageModel.embed_inputs`), `MatsConnector.__call__` the audio path; `MatsConnector.set_santa` attaches a
+`SantaMemory` to the audio path (inference; `alm santa` builds and saves it, the evaluation answerer loads it).
+
 Reference: MATS-LLaMA `models/{mapper,utils,mats,base_model}.py` (`TransformerMapper`, `noise_injection`,
-`encode_audio`, `kmeans_memory_bank`).
+`encode_text`, `encode_audio`, `kmeans_memory_bank`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,24 @@ def noise_injection(x: jax.Array, std: float, rng: jax.Array) -> jax.Array:
     if std:
         x = x + std * jax.random.normal(rng, x.shape, jnp.float32)
     return l2_normalize(x)
+
+
+class CaptionNoise(nnx.Module):
+    """MATS' noise injection on the text embedding in training: `noise_injection(x, std, key)` with a key drawn
+    from the model's `dropout` stream (its counter is running state: the train step carries it, the checkpoint
+    saves it, so every step draws new noise and a resumed run draws the same). In eval mode (`model.eval()`
+    sets `deterministic`) it only normalizes. x `[..., dim]` -> same shape, float32."""
+
+    def __init__(self, std: float, rngs: nnx.Rngs, *, deterministic: bool = False):
+        if std < 0:
+            raise ConfigError(f"CaptionNoise: std={std} must be >= 0")
+        self.std, self.deterministic = float(std), deterministic
+        self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or not self.std:
+            return l2_normalize(x)
+        return noise_injection(x, self.std, self.rngs())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +207,15 @@ class SantaConfig:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SantaMix:
+    """The steps of one Santa retrieval (`SantaMemory.mix`)."""
+    indices: jax.Array   # [batch, k] int32 bank rows, nearest first
+    entries: jax.Array   # [batch, k, dim] the retrieved rows after noise injection (normalized)
+    weights: jax.Array   # [batch, k] softmax(tau * <z_a, entries>)
+    z: jax.Array         # [batch, dim] normalize((1 - lam) z_a + lam * sum_i weights_i entries_i)
+
+
 class SantaMemory(nnx.Module):
     """Santa retrieval memory over L2-normalized CLAP text embeddings.
 
@@ -244,15 +278,27 @@ class SantaMemory(nnx.Module):
             return l2_normalize(m)
         return noise_injection(m, self.cfg.noise_std, rng)
 
-    def __call__(self, z_a: jax.Array, rng: jax.Array | None = None, *, lam: float | None = None,
-                 k: int | None = None) -> jax.Array:
+    def mix(self, z_a: jax.Array, rng: jax.Array | None = None, *, lam: float | None = None,
+            k: int | None = None) -> "SantaMix":
+        """Every step of the retrieval for `z_a` `[batch, dim]` (see the class docstring): the retrieved bank
+        indices `[batch, k]` (nearest first), their noise-injected embeddings `[batch, k, dim]`, the weights
+        softmax(tau * <z_a, m_i>) `[batch, k]` and the mixed, normalized embedding `[batch, dim]`."""
         lam = self.cfg.lam if lam is None else lam
         z = z_a.astype(jnp.float32)
-        if lam == 0:
-            return l2_normalize(z)
-        m = self.retrieve(z, rng, k)
+        idx = self.retrieve_indices(z, k)
+        m = self.bank[...][idx]
+        m = l2_normalize(m) if rng is None or not self.cfg.noise_std else noise_injection(m, self.cfg.noise_std, rng)
         w = jax.nn.softmax(self.cfg.tau * jnp.einsum("bd,bkd->bk", z, m), axis=-1)
-        return l2_normalize((1.0 - lam) * z + lam * jnp.einsum("bk,bkd->bd", w, m))
+        out = l2_normalize((1.0 - lam) * z + lam * jnp.einsum("bk,bkd->bd", w, m))
+        return SantaMix(indices=idx, entries=m, weights=w, z=out)
+
+    def __call__(self, z_a: jax.Array, rng: jax.Array | None = None, *, lam: float | None = None,
+                 k: int | None = None) -> jax.Array:
+        """The mixed embedding `[batch, dim]` (`mix(...).z`; with lam = 0 just normalize(z_a), no retrieval)."""
+        lam = self.cfg.lam if lam is None else lam
+        if lam == 0:
+            return l2_normalize(z_a)
+        return self.mix(z_a, rng, lam=lam, k=k).z
 
     # ---- persistence (safetensors; the config goes in the header metadata)
 
@@ -293,8 +339,14 @@ class SantaMemory(nnx.Module):
 
 
 class MatsConnector(Connector):
-    """Registry kind `mats`: encoder 0's last state entry, mean-pooled over the clip's valid frames
-    `[N, enc_dim]` -> `ClipCapMapper` -> `[N, mapper_tokens, llm_dim]` (fixed count per clip)."""
+    """Registry kind `mats`: MATS's mapper between a CLAP embedding and the LLM (fixed `mapper_tokens` per clip).
+
+    Audio path (`__call__`, inference): encoder 0's last state entry mean-pooled over the clip's valid frames
+    `[N, enc_dim]` (a CLAP encoder has one frame, its clip embedding), mixed by Santa when a memory is attached
+    (`set_santa`), -> `ClipCapMapper` -> `[N, mapper_tokens, llm_dim]`.
+    Text path (`from_text`, MATS training): CLAP text embeddings `[N, enc_dim]` -> noise injection in training
+    (`model.connector.noise_variance`, published 0.015; `CaptionNoise`) -> the same mapper.
+    The mapper depth is `model.connector.num_layers` (published 8), its width `hidden` (0: the encoder's)."""
     kind = "mats"
 
     @classmethod
@@ -310,10 +362,31 @@ class MatsConnector(Connector):
                                    prefix_length=cc.mapper_tokens, layers=cc.num_layers, heads=cc.num_heads,
                                    llm_dim=llm_dim)
         self.mapper = ClipCapMapper(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cc.noise_variance < 0:
+            raise ConfigError(f"model.connector.noise_variance={cc.noise_variance} must be >= 0 (MATS: 0.015)")
+        self.noise = CaptionNoise(math.sqrt(cc.noise_variance), rngs) if cc.noise_variance > 0 else None
+        self.santa = nnx.data(None)
+
+    def set_santa(self, memory: SantaMemory | None) -> None:
+        """Attach (or, with None, detach) the Santa memory the audio path mixes its embeddings with."""
+        if memory is not None and memory.bank.shape[1] != self.mapper.cfg.clip_dim:
+            raise ConfigError(f"the Santa memory holds {memory.bank.shape[1]}-dim embeddings but the MATS mapper takes "
+                              f"{self.mapper.cfg.clip_dim}; build it with this run's CLAP (`alm santa`)")
+        self.santa = memory
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
         last = states[0][-1]
         frames = encoder_frames(audio_samples, self.frame_rule)
         valid = (jnp.arange(last.shape[1])[None] < frames[:, None]).astype(jnp.float32)
         pooled = (last.astype(jnp.float32) * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
+        if self.santa is not None:   # MATS inference: the retrieved entries are noise-injected (a fixed key)
+            pooled = self.santa(pooled, jax.random.PRNGKey(self.santa.cfg.seed))
         return self.mapper(pooled)
+
+    def from_text(self, text_embeddings: jax.Array) -> jax.Array:
+        """CLAP text embeddings `[N, enc_dim]` -> `[N, mapper_tokens, llm_dim]`, noise-injected in training."""
+        if text_embeddings.ndim != 2 or text_embeddings.shape[-1] != self.mapper.cfg.clip_dim:
+            raise ConfigError(f"MATS text path: expected text embeddings [N, {self.mapper.cfg.clip_dim}], got "
+                              f"{tuple(text_embeddings.shape)}; the CLAP encoder's projection_dim must be its width")
+        z = l2_normalize(text_embeddings)
+        return self.mapper(z if self.noise is None else self.noise(z))
