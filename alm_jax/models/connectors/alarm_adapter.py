@@ -57,24 +57,7 @@ class MaskedBatchNorm1d(BatchNorm1d):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                  use_running_average: bool | None = None) -> jax.Array:
-        use_running = self.use_running_average if use_running_average is None else use_running_average
-        if self.frozen:
-            use_running = True
-        if mask is None or use_running:
-            return super().__call__(x, use_running_average=use_running)
-        xf = x.astype(jnp.float32)
-        w = mask.astype(jnp.float32)[..., None]
-        axes = tuple(range(x.ndim - 1))
-        n = jnp.sum(w)
-        mean = jnp.sum(xf * w, axes) / jnp.maximum(n, 1.0)
-        var = jnp.sum(jnp.square(xf - mean) * w, axes) / jnp.maximum(n, 1.0)
-        unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
-        m = self.momentum
-        self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-        self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return super().__call__(x, mask, use_running_average=True if self.frozen else use_running_average)
 
 
 def freeze_statistics(module: nnx.Module, frozen: bool = True) -> int:

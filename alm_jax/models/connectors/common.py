@@ -109,19 +109,29 @@ class BatchNorm1d(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32), out_sharding=(axis_name,), eager_sharding=False)
         self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,), eager_sharding=False)
 
-    def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+                 use_running_average: bool | None = None) -> jax.Array:
+        """x `[..., dim]`; in training, `mask` (x's shape without `dim`, e.g. `[batch, time]`) limits the batch
+        statistics to the positions it marks (None: all)."""
         use_running = self.use_running_average if use_running_average is None else use_running_average
         xf = x.astype(jnp.float32)
         if use_running:
             mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)
-            n = 1
-            for a in axes:
-                n *= x.shape[a]
-            unbiased = var * (n / max(n - 1, 1))
+            if mask is None:
+                mean = xf.mean(axes)
+                var = jnp.square(xf - mean).mean(axes)
+                n = 1
+                for a in axes:
+                    n *= x.shape[a]
+                unbiased = var * (n / max(n - 1, 1))
+            else:
+                w = mask.astype(jnp.float32)[..., None]
+                n = jnp.sum(w)
+                mean = jnp.sum(xf * w, axes) / jnp.maximum(n, 1.0)
+                var = jnp.sum(jnp.square(xf - mean) * w, axes) / jnp.maximum(n, 1.0)
+                unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
             m = self.momentum
             self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
             self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
