@@ -172,20 +172,10 @@ def _cmd_import(args) -> int:
 
 def _cmd_santa(args) -> int:
     """`alm santa`: a MATS run's Santa memory from its training captions (recipes.mats.build_santa_memory)."""
-    from alm_jax.config import TrainConfig, from_dict, with_legacy_model_values
+    from alm_jax.export.source import run_config
     from alm_jax.models.connectors.mats import SantaConfig
     from alm_jax.recipes.mats import SANTA_FILE, build_santa_memory, training_captions
-    from alm_jax.training.checkpoint import Checkpointer
-    from alm_jax.weights.demo_models import resolve_demo_paths
-    reader = Checkpointer(args.checkpoint, read_only=True)
-    try:
-        stored = reader.restore_config(None)
-    finally:
-        reader.close()
-    if stored is None:
-        raise ConfigError(f"{args.checkpoint} holds no run config; give the checkpoint.dir of an `alm train` run")
-    stored = {**stored, "model": with_legacy_model_values(stored.get("model", {}))}
-    cfg = resolve_demo_paths(from_dict(TrainConfig, stored))
+    cfg, _ = run_config(args.checkpoint)
     corpora, fraction = (args.corpus, 1.0) if args.corpus else (list(cfg.data.corpus), cfg.data.fraction)
     texts = training_captions(corpora, fraction=fraction, limit=args.max_texts, seed=args.seed)
     santa = SantaConfig(n_clusters=args.clusters, iters=args.iters, k=args.top_k, tau=args.tau, lam=args.lam,

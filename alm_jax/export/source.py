@@ -33,10 +33,11 @@ class TrainedRun:
     stored_config: dict          # the config as the checkpoint stores it
 
 
-def load_run(directory: str | Path, step: int | None = None, *, overrides: Sequence[str] = (),
-             mesh=None) -> TrainedRun:
-    """The run whose `checkpoint.dir` is `directory`, at `step` (None = the latest). `overrides`: dotted
-    `key=value` changes to the stored config that do not touch the model (data/eval settings)."""
+def run_config(directory: str | Path, step: int | None = None, overrides: Sequence[str] = ()
+               ) -> tuple[TrainConfig, dict]:
+    """(the config, as the checkpoint stores it) of the run whose `checkpoint.dir` is `directory`, at `step`
+    (None = the latest), with older runs' model defaults filled in, `overrides` (dotted `key=value`, not
+    `model.*`) applied and demo model names resolved."""
     reader = Checkpointer(directory, read_only=True)
     try:
         stored = reader.restore_config(step)
@@ -50,11 +51,17 @@ def load_run(directory: str | Path, step: int | None = None, *, overrides: Seque
         if override.split("=", 1)[0].strip().startswith("model."):
             raise ConfigError(f"{override}: the model is the checkpoint's; only data/eval settings may change")
         data = apply_override(data, override)
-    cfg = resolve_demo_paths(from_dict(TrainConfig, data))
+    return resolve_demo_paths(from_dict(TrainConfig, data)), stored
+
+
+def load_run(directory: str | Path, step: int | None = None, *, overrides: Sequence[str] = (),
+             mesh=None) -> TrainedRun:
+    """The run whose `checkpoint.dir` is `directory`, at `step` (None = the latest). `overrides`: dotted
+    `key=value` changes to the stored config that do not touch the model (data/eval settings)."""
+    cfg, stored = run_config(directory, step, overrides)
     model, step = restore_params(build_alm(cfg.model, seed=cfg.seed, mesh=mesh), directory, step)
     model.eval()   # a trained run is for inference: running statistics, no dropout
     return TrainedRun(cfg=cfg, model=model, step=step, directory=Path(directory), stored_config=stored)
-
 
 def host_array(x) -> np.ndarray:
     """One (possibly sharded, possibly multi-host) array as a full numpy array on this host."""
