@@ -20,8 +20,7 @@ LOSS_BLOCK = 32   # positions per block of the head
 
 
 def blocked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                          mask: jax.Array, block: int = LOSS_BLOCK, recompute: bool = True
-                          ) -> tuple[jax.Array, jax.Array]:
+                          mask: jax.Array, block: int = LOSS_BLOCK) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies where `mask` is 1 and the token count, float32 — the same numbers as
     `step.masked_cross_entropy(logits_fn(hidden), targets, mask)` up to summation order.
 
@@ -39,15 +38,13 @@ def blocked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], ja
 
     mask = mask.astype(jnp.float32)
 
+    @jax.checkpoint      # keep only the block's inputs for the backward pass; recompute its logits there
     def block_loss(h, tgt, m):
         def head():
             logits = logits_fn(h).astype(jnp.float32)
             picked = jnp.take_along_axis(logits, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
             return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
         return jax.lax.cond(jnp.any(m > 0), head, lambda: jnp.zeros((), jnp.float32))
-
-    if recompute:        # keep only the block's inputs for the backward pass; recompute its logits there
-        block_loss = jax.checkpoint(block_loss)
 
     def body(total, xs):
         return total + block_loss(*xs), None
