@@ -45,9 +45,11 @@ class ConnectorConfig:
     kind: str = "desta"      # a registered kind: alm_jax/models/connectors/__init__.py::CONNECTORS
     num_queries: int = 64
     num_layers: int = 2
-    num_heads: int = 8
+    num_heads: int = 0       # attention heads; 0: the kind's default (desta: encoder 0's attention heads, as
+                             # DeSTA2.5's Q-Former, e.g. 20 for whisper-large-v3; mats: 8). Explicit values win
     hidden: int = 0          # 0: the encoder width
-    intermediate: int = 0    # 0: 4 * hidden
+    intermediate: int = 0    # FFN width; 0: the kind's default (desta: 3072, DeSTA2.5's BertConfig
+                             # intermediate_size, whatever `hidden`; alarm_ca fusion: 4 * hidden)
     adapter_dim: int = 1024
     norm: Literal["layer", "batch"] = "layer"
     perceiver_latents: int = 20
@@ -168,7 +170,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
     """Settings of one evaluation suite (an `eval.suites` entry, found by `name`; see alm_jax/evaluation)."""
-    name: str = ""                # the suite (an EVALUATORS name): mmau | mmsu | mmar | hallucination | forgetting | multi_audio
+    name: str = ""                # the suite (an EVALUATORS name): mmau | mmsu | mmar | hallucination | forgetting | multi_audio | alignment
     data: str = ""                # mmau/mmsu/mmar: the benchmark's items file; forgetting: a prompts JSONL (optional)
     audio_root: str = ""          # where item audio paths resolve (default: the items file's directory)
     prompt: Literal["desta", "plain", "official"] = "desta"   # official = MMSU's letter prompt
@@ -176,9 +178,24 @@ class SuiteConfig:
     limit: int = 0                # the first N items / clips / prompts (0 = all)
     batch_size: int = 8           # rows per generate call
     max_new_tokens: int = 64
-    clips: int = 40               # hallucination / multi_audio: held-out demo clips (or pairs)
-    seed: int = 1                 # hallucination / multi_audio: the held-out demo source's seed (train on others)
+    clips: int = 40               # hallucination / multi_audio / alignment: held-out demo clips (or pairs)
+    seed: int = 1                 # hallucination / multi_audio / alignment: the held-out demo source's seed (train on others)
     kl: bool = True               # forgetting: also the mean token KL (keeps the backbone in memory)
+    baselines: bool = True        # hallucination: also the backbone's accuracy from the seed descriptions
+                                  # and the ALM's without audio (alignment and multi_audio always have them)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingConfig:
+    """How evaluation answers are decoded (`eval.decoding`; evaluation/answering.py `Answerer`, models/beam.py).
+    greedy = argmax; beam = transformers' beam search (MATS: num_beams 4, no_repeat_ngram_size 2,
+    repetition_penalty 2.0). The penalties count the answer's tokens only (the prompt goes in as embeddings)."""
+    kind: Literal["greedy", "beam"] = "greedy"
+    num_beams: int = 4
+    no_repeat_ngram_size: int = 0        # beam: an n-gram may occur once in the answer (0 = off)
+    repetition_penalty: float = 1.0      # beam: HF's, on the log-probabilities of tokens already in the answer
+    length_penalty: float = 1.0          # beam: hypothesis score = sum of log-probs / length ** this
+    early_stopping: bool | Literal["never"] = False   # beam: HF's (false = its heuristic, true = k finished)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +207,7 @@ class EvalConfig:
     suites: tuple[SuiteConfig, ...] = ()      # per-suite settings for the evaluators named above
     santa: str = "auto"           # MATS answers: the Santa memory file (`alm santa` writes it); auto =
                                   # <checkpoint.dir>/santa.safetensors when it exists, off = plain audio path
+    decoding: DecodingConfig = DecodingConfig()   # how answers are decoded (every answering suite)
 
 
 @dataclasses.dataclass(frozen=True)

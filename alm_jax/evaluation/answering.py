@@ -1,4 +1,5 @@
-"""Batched greedy answers for evaluation: the ALM on audio + text prompts, the ALM on text alone, or a bare LLM.
+"""Batched answers for evaluation (greedy, or beam search per `eval.decoding`): the ALM on audio + text prompts,
+the ALM on text alone, or a bare LLM.
 
     answerer = Answerer(cfg, batch_size=8, max_new_tokens=64)
     texts = answerer.alm(model, records)                    # Records whose messages end with a user turn
@@ -7,7 +8,9 @@
 
 Prompts go through the run's own data path (`data.multihost.sample_builder`: chat template, the connector's
 audio spans, encoder 0's padding) and `data.pipeline.collate_prompts` (left-padded), then
-`alm_jax.models.alm.generate` (prefill into the KV cache, greedy decode). Shapes are kept static so that one
+`alm_jax.models.alm.generate` (prefill into the KV cache, greedy decode) or, with `eval.decoding.kind: beam`,
+`alm_jax.models.beam.beam_generate` (transformers' beam search; the bare LLM's answers use the same settings, the
+penalties counting answer tokens only as for the ALM). Shapes are kept static so that one
 compiled program serves a whole suite: every batch has `batch_size` rows (the last one is filled with copies
 of its first row, whose answers are dropped) and its prompt length is rounded up to a multiple of
 `length_bucket` tokens. Answers are cut at the first EOS and decoded without special tokens.
@@ -51,6 +54,7 @@ from alm_jax.data.pipeline import collate_prompts
 from alm_jax.data.records import AudioClip, Record
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import generate
+from alm_jax.models.beam import BeamSettings, beam_generate, beam_search
 from alm_jax.models.connectors.mats import SantaMemory
 from alm_jax.models.llm import generate_greedy
 from alm_jax.recipes.mats import santa_path
@@ -61,14 +65,14 @@ Progress = Callable[[int, int], None]   # (items done, items in all)
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """One greedy answer: `text` (decoded, stripped) and `ids` (the generated tokens up to and including the
+    """One answer: `text` (decoded, stripped) and `ids` (the generated tokens up to and including the
     first EOS; all `max_new_tokens` of them when none came)."""
     text: str
     ids: tuple[int, ...]
 
 
 class Answerer:
-    """Greedy answers in static-shape batches (see the module docstring).
+    """Answers in static-shape batches, decoded as `cfg.eval.decoding` says (see the module docstring).
 
     cfg: the run config (its LLM tokenizer, connector token rule, audio padding); batch_size: rows per
     generate call; max_new_tokens: answer length limit; length_bucket: prompt lengths round up to this."""
@@ -91,6 +95,7 @@ class Answerer:
         self.eos_id = int(self.builder.tok.eos_id)
         self.pad_id = int(self.builder.tok.pad_id)
         self.batch_size, self.max_new_tokens, self.length_bucket = batch_size, max_new_tokens, length_bucket
+        self.beam = beam_settings(cfg, max_new_tokens, self.eos_id)   # None: greedy
 
     @property
     def sample_rate(self) -> int:
@@ -174,14 +179,17 @@ class Answerer:
         return view
 
     def alm_answers(self, model, records: Sequence[Record], progress: Progress | None = None) -> list[Answer]:
-        """The ALM's greedy answers to `records` (prompts: messages ending with a user turn, audio in clips)."""
+        """The ALM's answers to `records` (prompts: messages ending with a user turn, audio in clips)."""
         records = self.with_transcripts(model, records)
         model = self.with_santa(model)
         out: list[Answer] = []
         for start, stop in self._batches(len(records)):
             batch = self._prompt_batch(self._fill(list(records[start:stop])))
-            ids = generate(model, {k: jnp.asarray(v) for k, v in batch.items()},
-                           max_new_tokens=self.max_new_tokens, eos_id=self.eos_id)
+            arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+            if self.beam is not None:
+                ids = beam_generate(model, arrays, self.beam)
+            else:
+                ids = generate(model, arrays, max_new_tokens=self.max_new_tokens, eos_id=self.eos_id)
             out += self._answers(ids, stop - start)
             if progress:
                 progress(stop, len(records))
@@ -191,13 +199,16 @@ class Answerer:
         return [a.text for a in self.alm_answers(model, records, progress)]
 
     def llm_answers(self, llm, messages: Sequence[Sequence[dict]], progress: Progress | None = None) -> list[Answer]:
-        """A bare `DecoderLM`'s greedy answers to text-only chats (the same template and padding as `alm`)."""
+        """A bare `DecoderLM`'s answers to text-only chats (the same template and padding as `alm`)."""
         records = self.text_records(messages)
         out: list[Answer] = []
         for start, stop in self._batches(len(records)):
             batch = self._prompt_batch(self._fill(records[start:stop]))
-            ids = generate_greedy(llm, batch["input_ids"], batch["attention_mask"],
-                                  max_new_tokens=self.max_new_tokens, eos_id=self.eos_id)
+            if self.beam is not None:
+                ids = beam_search(llm, batch["input_ids"], batch["attention_mask"], self.beam, prompt_history=False)
+            else:
+                ids = generate_greedy(llm, batch["input_ids"], batch["attention_mask"],
+                                      max_new_tokens=self.max_new_tokens, eos_id=self.eos_id)
             out += self._answers(ids, stop - start)
             if progress:
                 progress(stop, len(records))
@@ -234,6 +245,19 @@ class Answerer:
             total += float(kl)
             count += int(scored.sum())
         return total / count if count else 0.0
+
+
+def beam_settings(cfg: TrainConfig, max_new_tokens: int, eos_id: int) -> BeamSettings | None:
+    """`eval.decoding` as beam search settings, or None for greedy decoding."""
+    d = cfg.eval.decoding
+    if d.kind == "greedy":
+        return None
+    try:
+        return BeamSettings(num_beams=d.num_beams, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                            no_repeat_ngram_size=d.no_repeat_ngram_size, repetition_penalty=d.repetition_penalty,
+                            length_penalty=d.length_penalty, early_stopping=d.early_stopping)
+    except ConfigError as e:
+        raise ConfigError(f"eval.decoding: {e}; fix the eval.decoding keys") from e
 
 
 class WhisperTranscripts:

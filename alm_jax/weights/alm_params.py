@@ -66,12 +66,26 @@ def build_alm(cfg: ModelConfig, *, mesh=None, seed: int = 0) -> AudioLanguageMod
     return _assemble(cfg, llm, encoders, nnx.Rngs(seed))
 
 
+# EncoderConfig.kind -> encoder module -> its attention heads (0: no single count, CLAP's Swin stages differ)
+ENCODER_HEADS = {"whisper": lambda e: e.config.encoder_attention_heads,
+                 "w2v_bert": lambda e: e.config.num_attention_heads,
+                 "clap": lambda e: 0}
+
+
+def resolve_connector(cfg: ModelConfig, encoders: list):
+    """`cfg.connector` with its kind's encoder-dependent defaults filled in (`Connector.resolve_config`; e.g.
+    DeSTA's `num_heads` 0 -> encoder 0's attention heads, `intermediate` 0 -> 3072)."""
+    heads = [ENCODER_HEADS[e.kind](m) if e.kind in ENCODER_HEADS else 0 for e, m in zip(cfg.encoders, encoders)]
+    return connector_class(cfg.connector.kind).resolve_config(cfg.connector, heads)
+
+
 def _assemble(cfg: ModelConfig, llm: DecoderLM, encoders: list, rngs: nnx.Rngs) -> AudioLanguageModel:
-    """LoRA on `llm` if configured, and the fresh float32 connector between `encoders` and it."""
+    """LoRA on `llm` if configured, and the fresh float32 connector between `encoders` and it (its config's
+    defaults resolved against the encoders: `resolve_connector`)."""
     if cfg.lora.rank > 0:
         apply_lora(llm, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_regex=cfg.lora.target, rngs=rngs)
-    return AudioLanguageModel(encoders, llm, cfg.connector, cfg.encoders, dtype=DTYPES[cfg.dtype],
+    return AudioLanguageModel(encoders, llm, resolve_connector(cfg, encoders), cfg.encoders, dtype=DTYPES[cfg.dtype],
                               param_dtype=jnp.float32, rngs=rngs, scan_layers=cfg.scan_layers, remat=cfg.remat)
 
 

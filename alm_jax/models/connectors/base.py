@@ -3,6 +3,7 @@
 A connector kind is a class registered in `alm_jax/models/connectors/__init__.py::CONNECTORS`:
 
     cls.token_rule(cc, n_encoders) -> TokenRule   # audio tokens of a clip, from the config alone
+    cls.resolve_config(cc, encoder_heads) -> cc   # encoder-dependent defaults filled in (DeSTA: the heads)
     cls(cc, encoders, llm_dim, dtype=, param_dtype=, rngs=)   # encoders: EncoderInfo per configured encoder
                                                   # (+ scan_layers=, remat= when cls.layer_stack)
     conn.encoder_taps -> ((entry, ...), ...)      # per encoder it reads (0..k-1): the state entries it reads
@@ -93,6 +94,13 @@ class Connector(nnx.Module):
     @classmethod
     def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
         raise NotImplementedError
+
+    @classmethod
+    def resolve_config(cls, cc: ConnectorConfig, encoder_heads: Sequence[int]) -> ConnectorConfig:
+        """`cc` with the kind's defaults written into its 0 (= "the kind's default") fields that depend on the
+        encoders; `encoder_heads`: each configured encoder's attention heads (0: no single count). The base
+        returns `cc` unchanged; `weights/alm_params.py` calls this before building the model."""
+        return cc
 
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         raise NotImplementedError

@@ -338,6 +338,9 @@ class SantaMemory(nnx.Module):
         return mem
 
 
+MATS_HEADS = 8   # the published mapper's attention heads (`model.connector.num_heads` 0)
+
+
 class MatsConnector(Connector):
     """Registry kind `mats`: MATS's mapper between a CLAP embedding and the LLM (fixed `mapper_tokens` per clip).
 
@@ -346,7 +349,8 @@ class MatsConnector(Connector):
     (`set_santa`), -> `ClipCapMapper` -> `[N, mapper_tokens, llm_dim]`.
     Text path (`from_text`, MATS training): CLAP text embeddings `[N, enc_dim]` -> noise injection in training
     (`model.connector.noise_variance`, published 0.015; `CaptionNoise`) -> the same mapper.
-    The mapper depth is `model.connector.num_layers` (published 8), its width `hidden` (0: the encoder's)."""
+    The mapper depth is `model.connector.num_layers` (published 8), its width `hidden` (0: the encoder's), its
+    heads `num_heads` (0: the published 8)."""
     kind = "mats"
 
     @classmethod
@@ -359,8 +363,8 @@ class MatsConnector(Connector):
         self.encoder_taps = ((enc.n_entries - 1,),)
         self.frame_rule = enc.frames
         mcfg = ClipCapMapperConfig(clip_dim=enc.dim, d=cc.hidden or enc.dim, clip_length=cc.mapper_tokens,
-                                   prefix_length=cc.mapper_tokens, layers=cc.num_layers, heads=cc.num_heads,
-                                   llm_dim=llm_dim)
+                                   prefix_length=cc.mapper_tokens, layers=cc.num_layers,
+                                   heads=cc.num_heads or MATS_HEADS, llm_dim=llm_dim)
         self.mapper = ClipCapMapper(mcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cc.noise_variance < 0:
             raise ConfigError(f"model.connector.noise_variance={cc.noise_variance} must be >= 0 (MATS: 0.015)")

@@ -259,6 +259,9 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+DESTA_INTERMEDIATE = 3072   # DeSTA2.5's Q-Former FFN width (HF BertConfig's default intermediate_size)
+
+
 class DestaConnector(Connector):
     """Registry kind `desta`: the DeSTA2.5 Q-Former on encoder 0's tapped states -> `[N, num_queries,
     llm_dim]` (a fixed count per clip, whatever its length)."""
@@ -269,12 +272,26 @@ class DestaConnector(Connector):
     def token_rule(cls, cc: ConnectorConfig, n_encoders: int) -> TokenRule:
         return TokenRule(fixed=cc.num_queries)
 
+    @classmethod
+    def resolve_config(cls, cc: ConnectorConfig, encoder_heads: Sequence[int]) -> ConnectorConfig:
+        """DeSTA2.5's defaults (`modeling_desta25.py`: `BertConfig` with the audio encoder's attention heads and
+        BERT's intermediate size): `num_heads` 0 -> encoder 0's heads, `intermediate` 0 -> 3072. Explicit
+        values are kept."""
+        heads = cc.num_heads or (int(encoder_heads[0]) if encoder_heads else 0)
+        if heads <= 0:
+            raise ConfigError("model.connector.num_heads=0 means the audio encoder's attention heads, but encoder 0 "
+                              "has no single head count; set model.connector.num_heads")
+        return dataclasses.replace(cc, num_heads=heads, intermediate=cc.intermediate or DESTA_INTERMEDIATE)
+
     def __init__(self, cc: ConnectorConfig, encoders: Sequence[EncoderInfo], llm_dim: int, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True, remat: str = "none"):
         enc = encoders[0]
         hidden = cc.hidden or enc.dim
+        if cc.num_heads <= 0:
+            raise ConfigError(f"model.connector.num_heads={cc.num_heads}: 0 (the encoder's heads) must be resolved "
+                              "first (DestaConnector.resolve_config; build_alm does it) or set explicitly")
         qcfg = QFormerConfig(taps=enc.taps, n_queries=cc.num_queries, hidden=hidden, heads=cc.num_heads,
-                             intermediate=cc.intermediate or 4 * hidden, layers=cc.num_layers, enc_dim=enc.dim,
+                             intermediate=cc.intermediate or DESTA_INTERMEDIATE, layers=cc.num_layers, enc_dim=enc.dim,
                              llm_dim=llm_dim, dropout=cc.dropout, attention_dropout=cc.dropout)
         self.encoder_taps = (enc.taps,)
         self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
