@@ -67,7 +67,8 @@ def test_suite_on_a_tiny_alm(tiny, tmp_path):
     assert len(suite.records) == len(suite.questions) == 2 * (5 - suite.skipped_clips)
     assert all(r.clips[0].duration <= 0.6 + 1e-9 for r in suite.records)   # cropped to the run's audio buffer
     m = suite.run(build_alm(cfg.model, seed=cfg.seed))
-    names = {"accuracy", "precision_no", "recall_no", "f1_no", "yes_rate", "unparsed_rate", "questions", "skipped_clips"}
+    names = {"accuracy", "precision_no", "recall_no", "f1_no", "yes_rate", "unparsed_rate", "questions", "skipped_clips",
+             "backbone_text_accuracy", "no_audio_accuracy"}
     assert set(m) == {f"eval/hallucination/{k}" for k in names}
     items = suite.details["items"]
     assert m["eval/hallucination/questions"] == len(items)
@@ -75,3 +76,8 @@ def test_suite_on_a_tiny_alm(tiny, tmp_path):
     assert m["eval/hallucination/yes_rate"] + m["eval/hallucination/unparsed_rate"] == pytest.approx(
         100 * sum(i["read"] != "no" for i in items) / len(items))
     assert sum(i["expected"] == "yes" for i in items) * 2 == len(items)
+    for who in ("backbone_text", "no_audio"):   # the references, on the same questions
+        assert m[f"eval/hallucination/{who}_accuracy"] == pytest.approx(
+            100 * sum(i[f"read_{who}"] == i["expected"] for i in items) / len(items))
+    assert all(i["seed"] and i["seed"] in suite.reference.chats[k][1]["content"] for k, i in enumerate(items))
+    assert suite.reference.load is None   # the backbone's answers are cached, the backbone dropped

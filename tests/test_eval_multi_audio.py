@@ -60,7 +60,7 @@ def test_report_on_a_tiny_alm(tiny, tmp_path):
     agree = [r["read"]["alm"] is not None and r["read"]["alm"] == r["read"]["backbone_text"] for r in rows]
     assert m["eval/multi_audio/agreement"] == pytest.approx(100 * sum(agree) / len(rows))
     assert {k.split("/")[-1] for k in m if "/task/" in k} <= set(suite.tasks)
-    assert suite.backbone is None   # its text answers are cached
+    assert suite.reference.load is None   # its text answers are cached, the backbone dropped
 
 
 def test_needs_two_clip_slots(tiny, tmp_path):

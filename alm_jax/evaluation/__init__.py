@@ -8,6 +8,8 @@ the demo. Adding one = a module with a class that has `name`, `run(model)` and a
 - `hallucination`: BALSa-style balanced yes/no questions on present / absent sounds of held-out demo clips.
 - `forgetting`: text-only answers of the ALM vs its frozen backbone, plus code-checked instructions.
 - `multi_audio`: MAE-style closed-form questions over two demo clips.
+- `alignment`: the ALM from audio vs its backbone from the seed description on a closed-form question, with
+  the no-audio baseline (`backbone.py` holds the shared backbone reference).
 
 Suites other than `loss` read their settings from the `eval.suites` entry with their name
 (`alm_jax.config.SuiteConfig`; defaults when there is none).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from alm_jax.config import EvalConfig, SuiteConfig, TrainConfig
 from alm_jax.errors import ConfigError
+from alm_jax.evaluation.alignment import AlignmentSuite
 from alm_jax.evaluation.base import Evaluator
 from alm_jax.evaluation.benchmarks import MMARSuite, MMAUSuite, MMSUSuite, MultipleChoiceSuite
 from alm_jax.evaluation.forgetting import ForgettingSuite
@@ -25,7 +28,8 @@ from alm_jax.evaluation.loss import HeldOutLoss
 from alm_jax.evaluation.multi_audio import MultiAudioSuite
 
 EVALUATORS = {"loss": HeldOutLoss, "mmau": MMAUSuite, "mmsu": MMSUSuite, "mmar": MMARSuite,
-              "hallucination": HallucinationSuite, "forgetting": ForgettingSuite, "multi_audio": MultiAudioSuite}
+              "hallucination": HallucinationSuite, "forgetting": ForgettingSuite, "multi_audio": MultiAudioSuite,
+              "alignment": AlignmentSuite}
 
 
 def suite_config(ev: EvalConfig, name: str) -> SuiteConfig:
@@ -72,5 +76,5 @@ def build_evaluators(cfg: TrainConfig, *, data_shards: int | None = None, mesh=N
     return [EVALUATORS[n].build(cfg, suite_config(ev, n), data_shards=data_shards, mesh=mesh) for n in ev.evaluators]
 
 
-__all__ = ["EVALUATORS", "Evaluator", "ForgettingSuite", "HallucinationSuite", "HeldOutLoss", "MMARSuite", "MMAUSuite", "MMSUSuite", "MultiAudioSuite", "MultipleChoiceSuite",
+__all__ = ["AlignmentSuite", "EVALUATORS", "Evaluator", "ForgettingSuite", "HallucinationSuite", "HeldOutLoss", "MMARSuite", "MMAUSuite", "MMSUSuite", "MultiAudioSuite", "MultipleChoiceSuite",
            "build_evaluators", "check_suites", "suite_config"]

@@ -21,7 +21,10 @@ The answer is read by `read_yes_no`: the first word if it is yes / no, else the 
 "no" anywhere, else unparsed (counted wrong, and neither yes nor no). Metrics (percent): `accuracy`,
 `precision_no`, `recall_no`, `f1_no` ("no" is the positive class: a hallucination is a "yes" to an absent
 sound), `yes_rate` (share of all answers that read yes), `unparsed_rate`, and the counts `questions`,
-`skipped_clips`. The answers of the last run are in `details`.
+`skipped_clips`. With `baselines` (the suite config's, default on) two references come with them, on the
+same questions: `backbone_text_accuracy` (the frozen backbone answering from the clip's DeSTA seed description
+in the generation layout: the ceiling of what self-generated targets can teach, computed once) and
+`no_audio_accuracy` (the ALM with the question alone). The answers of the last run are in `details`.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from alm_jax.data.records import Record
 from alm_jax.data.sources.demo import DemoSource
 from alm_jax.errors import ConfigError
 from alm_jax.evaluation.base import GenerationSuite
+from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.evaluation.answering import Answerer
-from alm_jax.recipes.base import TRAINING_SYSTEM_PROMPT, chat, training_audio
+from alm_jax.evaluation.backbone import BackboneReference, load_backbone
+from alm_jax.recipes.base import GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, training_audio
 from alm_jax.recipes.cooccurrence import Cooccurrence
 
 TEMPLATES = ("Is there a sound of {label} in the audio?", "Can you hear {label} in this clip?",
@@ -94,8 +99,9 @@ def yes_no_metrics(expected: Sequence[str], answers: Sequence[str | None]) -> di
 class HallucinationSuite(GenerationSuite):
     """Balanced present/absent yes/no questions on held-out demo clips (module docstring)."""
     name = "hallucination"
+    takes_mesh = True
 
-    def __init__(self, cfg: TrainConfig, suite: SuiteConfig, *, prefix: str = "eval/"):
+    def __init__(self, cfg: TrainConfig, suite: SuiteConfig, *, prefix: str = "eval/", backbone=None, mesh=None):
         if suite.clips < 1:
             raise ConfigError(f"suite {self.name}: clips={suite.clips} must be >= 1")
         if suite.seed < 0:
@@ -117,7 +123,8 @@ class HallucinationSuite(GenerationSuite):
                 continue
             clip = self.answerer.clip(wave, source.sample_rate)
             for q in qs:
-                self.questions.append({**q, "clip_id": meta.clip_id, "labels": list(meta.labels)})
+                self.questions.append({**q, "clip_id": meta.clip_id, "labels": list(meta.labels),
+                                       "seed": desta_seed_description(meta)})
                 self.records.append(Record(clips=[clip], messages=chat(TRAINING_SYSTEM_PROMPT,
                                                                        f"{training_audio(1)}\n{q['question']}")))
         if suite.limit:
@@ -125,13 +132,26 @@ class HallucinationSuite(GenerationSuite):
         if not self.questions:
             raise ConfigError(f"suite {self.name}: none of the {suite.clips} demo clips has both a present and an "
                               "absent label; use more clips")
-
+        self.reference = self.bare = None
+        if suite.baselines:
+            texts = [chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio([q['seed']])}\n{q['question']}")
+                     for q in self.questions]
+            self.reference = BackboneReference(self.answerer, (lambda: backbone) if backbone is not None
+                                               else (lambda: load_backbone(cfg, mesh)), texts)
+            self.bare = [Record(clips=[], messages=chat(TRAINING_SYSTEM_PROMPT, q["question"])) for q in self.questions]
 
     def run(self, model) -> dict[str, float]:
         answers = self.answerer.alm(model, self.records, self.progress)
         read = [read_yes_no(a) for a in answers]
         metrics = yes_no_metrics([q["expected"] for q in self.questions], read)
         metrics["skipped_clips"] = float(self.skipped_clips)
-        self.details = {"metrics": metrics, "items": [{**q, "answer": a, "read": r}
-                                                      for q, a, r in zip(self.questions, answers, read)]}
+        items = [{**q, "answer": a, "read": r} for q, a, r in zip(self.questions, answers, read)]
+        if self.reference is not None:
+            expected = [q["expected"] for q in self.questions]
+            for key, texts in (("backbone_text", self.reference.texts()), ("no_audio", self.answerer.alm(model, self.bare))):
+                reads = [read_yes_no(t) for t in texts]
+                metrics[f"{key}_accuracy"] = yes_no_metrics(expected, reads)["accuracy"]
+                for item, t, r in zip(items, texts, reads):
+                    item[key], item[f"read_{key}"] = t, r
+        self.details = {"metrics": metrics, "items": items}
         return {f"{self.prefix}{self.name}/{k}": v for k, v in metrics.items()}

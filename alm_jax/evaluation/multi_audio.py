@@ -48,12 +48,11 @@ from alm_jax.data.sources.demo import KINDS, DemoSource
 from alm_jax.errors import ConfigError
 from alm_jax.evaluation.base import GenerationSuite
 from alm_jax.evaluation.answering import Answerer
+from alm_jax.evaluation.backbone import BackboneReference, load_backbone
 from alm_jax.evaluation.hallucination import read_yes_no
 from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio,
                                   training_audio)
 from alm_jax.recipes.cooccurrence import Cooccurrence
-from alm_jax.weights.alm_params import DTYPES, model_dir
-from alm_jax.weights.llm_params import load_llm
 
 TASKS = ("contains", "longer", "louder", "same_sentence")
 WHICH = 'Answer "Audio 1" or "Audio 2".'
@@ -115,13 +114,11 @@ class MultiAudioSuite(GenerationSuite):
             raise ConfigError(f"suite {self.name}: none of {suite.clips} items qualified; use more clips")
         self.records = [Record(clips=it.pop("clips"), messages=chat(
             TRAINING_SYSTEM_PROMPT, f"{training_audio(2)}\n{it['question']}")) for it in self.items]
-        self.text_messages = [chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio(it['seeds'])}\n{it['question']}")
-                              for it in self.items]
+        texts = [chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio(it['seeds'])}\n{it['question']}")
+                 for it in self.items]
         self.bare = [Record(clips=[], messages=chat(TRAINING_SYSTEM_PROMPT, it["question"])) for it in self.items]
-        self.backbone = backbone if backbone is not None else load_llm(
-            model_dir(cfg.model.llm, "model.llm"), dtype=DTYPES[cfg.model.dtype], mesh=mesh,
-            scan_layers=cfg.model.scan_layers)
-        self._reference: list[str] | None = None
+        self.reference = BackboneReference(self.answerer, (lambda: backbone) if backbone is not None
+                                           else (lambda: load_backbone(cfg, mesh)), texts)
 
 
     # ---- items
@@ -194,15 +191,8 @@ class MultiAudioSuite(GenerationSuite):
     def _read(self, item: dict[str, Any], text: str) -> str | None:
         return read_yes_no(text) if item["task"] == "same_sentence" else read_choice(text)
 
-    def reference(self) -> list[str]:
-        """The backbone's answers from the seed descriptions (computed once, then the backbone is freed)."""
-        if self._reference is None:
-            self._reference = [a.text for a in self.answerer.llm_answers(self.backbone, self.text_messages)]
-            self.backbone = None
-        return self._reference
-
     def run(self, model) -> dict[str, float]:
-        text = self.reference()
+        text = self.reference.texts()
         alm = self.answerer.alm(model, self.records, self.progress)
         bare = self.answerer.alm(model, self.bare)
         rows = []
