@@ -291,3 +291,25 @@ def test_smollm2_writes_english_answers_about_the_clip(tmp_path, demo_models):
         assert set(re.findall(r"[a-z]+", answer.lower())) & {"the", "a", "is", "of", "and", "this", "audio"}
     assert len(records) >= 2 and manifest["total_records"] + manifest["filtered"] == 4
     assert mentions >= 2
+
+
+def test_a_response_prefix_ends_the_prompt_and_starts_the_target(tmp_path, source, tiny_llm_dir):
+    """BALSa with answer_hint: the prompt ends with the assistant header + "No," and the LLM's continuation is
+    appended to it in the record."""
+    from alm_jax.recipes.balsa import BalsaRecipe
+    recipe = BalsaRecipe(seed=3, combined=0, yes_no=1.0, answer_hint=True)
+    prompts = []
+
+    def script(prompt_text):
+        prompts.append(prompt_text)
+        return Response("the clip has nothing like that.", 8, True)
+
+    kw = dict(batch_size=BATCH, max_new_tokens=NEW_TOKENS, max_prompt_tokens=400)
+    generate_corpus(tmp_path / "c", source, recipe, _ScriptedGenerator(tiny_llm_dir, script, **kw), n_records=6,
+                    records_per_shard=6)
+    records = _by_item(tmp_path / "c")
+    assert len(records) == 6 == len(prompts)
+    for i, r in records.items():
+        start = f"{r.metadata['expected'].capitalize()},"
+        assert r.messages[-1]["content"] == f"{start} the clip has nothing like that."
+    assert all(re.search(r"assistant\n(Yes|No),$", p) for p in prompts)

@@ -216,3 +216,34 @@ def test_finalize_checks_the_yes_no_answer_against_metadata(demo):
 
 def test_demo_vocabulary_matches_the_synth(demo):
     assert set(demo.label_vocabulary) == set(synth.EVENT_LABELS) | ({"speech"} if synth.speech_available() else set())
+
+
+def test_answer_hint_states_the_answer_and_starts_the_response(demo):
+    plain, hinted = BalsaRecipe(seed=5, combined=0, yes_no=1.0), BalsaRecipe(seed=5, combined=0, yes_no=1.0,
+                                                                           answer_hint=True)
+    seen = set()
+    for i in range(30):
+        a, b = plain.item_for(i, demo), hinted.item_for(i, demo)
+        expected = b.metadata["expected"]
+        seen.add(expected)
+        assert a.response_prefix is None and b.response_prefix == f"{expected.capitalize()},"
+        assert f'The correct answer is "{expected.capitalize()}"' in after_audio(b)
+        assert "correct answer" not in after_audio(a)
+        assert a.record_messages == b.record_messages   # the training prompt never carries the hint
+    assert seen == {"yes", "no"}
+    open_item = BalsaRecipe(seed=5, yes_no=0.0, answer_hint=True).item_for(0, demo)
+    assert open_item.response_prefix is None
+    with pytest.raises(ConfigError, match="answer_hint"):
+        BalsaRecipe(answer_hint="yes")
+
+
+def test_a_copied_hint_is_cut_from_the_target(demo):
+    recipe = BalsaRecipe(seed=5, combined=0, yes_no=1.0, answer_hint=True)
+    no_item = next(it for it in (recipe.item_for(i, demo) for i in range(40)) if it.metadata["expected"] == "no")
+    out = recipe.finalize(no_item, [Out('No, the clip has no siren. The correct answer is "No": begin your answer')])
+    assert out.text == "No, the clip has no siren."
+    open_item = BalsaRecipe(seed=5, negative=1, positive=0, combined=0, yes_no=0.0).item_for(0, demo)
+    out = BalsaRecipe(seed=5).finalize(open_item, [Out("Sounds that are not in the clip include: bell. Sounds that "
+                                                       "are not in the clip include: bell.")])
+    assert out.text == "Sounds that are not in the clip include: bell."   # a first-sentence copy keeps one sentence
+    assert BalsaRecipe(seed=5).finalize(open_item, [Out("I hear only a dog bark.")]).text == "I hear only a dog bark."

@@ -262,13 +262,15 @@ class _ShardRecords:
                 if getattr(item, "fixed_response", None) is not None:
                     outputs[i] = [Response(item.fixed_response, 0, True)]
                     continue
-                prompts[i] = self._prompt(item.generation_messages, i, item.item_id)
+                prompts[i] = self._prompt(item.generation_messages, i, item.item_id,
+                                          getattr(item, "response_prefix", None) or "")
             except (AudioError, DataError) as e:
                 items.pop(i, None)
                 outcomes[i] = e
         t0, tokens0 = time.perf_counter(), self.generator.tokens_generated
         for i, r in zip(prompts, self.generator.generate(list(prompts.values()), row_ids=list(prompts))):
-            outputs[i] = [r]
+            prefix = getattr(items[i], "response_prefix", None)
+            outputs[i] = [dataclasses.replace(r, text=f"{prefix} {r.text}".strip()) if prefix else r]
         for stage in range(1, getattr(self.recipe, "n_stages", 1)):
             self._run_stage(stage, [i for i in prompts if i in outputs], items, outputs, outcomes)
         seconds, tokens = time.perf_counter() - t0, self.generator.tokens_generated - tokens0

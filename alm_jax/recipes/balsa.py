@@ -38,7 +38,12 @@ background), or `mixed` (one of the three per item). Record metadata: `item_inde
 instruction), `hint_absent` (absent labels named to the LLM only, in the hint), `expected` (`yes`/`no` for
 yes/no items, else None), `seed_format`, `fallback` (or None), `transcripts` (with speech).
 `finalize` drops a yes/no answer that does not begin with the expected Yes/No (`wrong_answer`, or
-`no_yes_no` when it begins with neither).
+`no_yes_no` when it begins with neither); an answer that copies a hint is cut before the copy (`hint_echo`
+when nothing is left). With `answer_hint` (off by default; ours, not the paper's) the
+generation prompt of a yes/no item states the correct answer from the metadata (`The correct answer is "No":
+begin your answer with "No", ...`) and the answer starts with it (`response_prefix` "No,"): the LLM writes
+the explanation. A small backbone that answers "Yes" to almost every question from text (SmolLM2-135M) then
+still yields "No" targets. The training prompt never carries the hint.
 """
 
 from __future__ import annotations
@@ -105,14 +110,15 @@ class BalsaRecipe(Recipe):
     fraction of yes/no questions; seed_format: one of `desta`, `caption`, `tags`, `mixed`; max_absent:
     at most this many absent labels in one prompt; cooccurrence: `auto` (the source's rules if it declares
     them, else its metadata), `source`, `metadata`, `none`, or a ready `Cooccurrence`; cooccurrence_clips:
-    how many clips of the source the metadata mode reads; min_cooccurrence: clips that must hold a pair.
+    how many clips of the source the metadata mode reads; min_cooccurrence: clips that must hold a pair;
+    answer_hint: yes/no generation prompts state the metadata's answer (module docstring).
     """
     recipe_id = RECIPE_ID
 
     def __init__(self, seed: int = 0, *, positive: float = 1.0, negative: float = 1.0, combined: float = 1.0,
                  yes_no: float = 0.5, seed_format: str = "desta", max_absent: int = 3,
                  cooccurrence: str | Cooccurrence = "auto", cooccurrence_clips: int = 1000,
-                 min_cooccurrence: int = 1):
+                 min_cooccurrence: int = 1, answer_hint: bool = False):
         super().__init__(seed)
         self.weights = check_weights("BalsaRecipe", {"positive": positive, "negative": negative,
                                                      "combined": combined})
@@ -131,6 +137,9 @@ class BalsaRecipe(Recipe):
         self.seed_format, self.max_absent = seed_format, max_absent
         self.cooccurrence_mode, self.cooccurrence_clips = cooccurrence, cooccurrence_clips
         self.min_cooccurrence = min_cooccurrence
+        if not isinstance(answer_hint, bool):
+            raise ConfigError(f"BalsaRecipe: answer_hint must be true or false, got {answer_hint!r}")
+        self.answer_hint = answer_hint
         self.pools = _pools()
         self.hints = dict(json_pool("balsa.json")["hints"])
         self._table: tuple[object, Cooccurrence] | None = None
@@ -245,7 +254,9 @@ class BalsaRecipe(Recipe):
             hints.append(self.hints["complete"])
         if plan["hint_absent"]:
             hints.append(self.hints["absent"].format(labels=join_words(plan["hint_absent"], "and")))
-        if plan["expected"] is not None:
+        if plan["expected"] is not None and self.answer_hint:
+            hints.append(self.hints["yes_no_known"].format(answer=plan["expected"].capitalize()))
+        elif plan["expected"] is not None:
             hints.append(self.hints["yes_no"])
         hints.append(self.hints["listening"])
         return f"{generation_audio([seed_description])}\n{plan['instruction']}\n\n" + "\n".join(hints)
@@ -264,12 +275,32 @@ class BalsaRecipe(Recipe):
             generation_messages=chat(GENERATION_SYSTEM_PROMPT, self.generation_user(seed_description, plan)),
             record_messages=chat(TRAINING_SYSTEM_PROMPT, f"{training_audio(1)}\n{plan['instruction']}"),
             clips=[(meta, waveform)], seed_descriptions=[seed_description], recipe=self.recipe_id,
-            source=meta.source, item_id=meta.clip_id, seed=self.seed, metadata=metadata)
+            source=meta.source, item_id=meta.clip_id, seed=self.seed, metadata=metadata,
+            response_prefix=f"{plan['expected'].capitalize()}," if self.answer_hint and plan["expected"] else None)
+
+    def cut_hint_echo(self, text: str) -> str:
+        """`text` cut before the first copy of a hint's opening words (the hints are generation-only) that
+        is not at its start; a text that starts with a copy keeps that first sentence only. Stripped."""
+        low = text.lower()
+        heads = [" ".join(h.split()[:4]).split("{")[0].strip().lower() for h in self.hints.values()]
+        heads = [h for h in heads if len(h) >= 12]
+        cut = len(text)
+        for head in heads:
+            at = low.find(head, 1)
+            if at >= 0:
+                cut = min(cut, at)
+        if any(low.startswith(h) for h in heads):
+            end = re.search(r"[.!?\n]", text)
+            cut = min(cut, end.end() if end else cut)
+        return text[:cut].strip()
 
     def finalize(self, item: GenerationItem, outputs: Sequence[Output],
                  count_tokens: Callable[[str], int] | None = None) -> Target:
-        """The answer as target, unless it echoes the seed markup or gets a yes/no question wrong."""
-        text = outputs[-1].text
+        """The answer as target, cut before any copy of a generation hint (`hint_echo` when nothing is left),
+        unless it echoes the seed markup or gets a yes/no question wrong."""
+        text = self.cut_hint_echo(outputs[-1].text)
+        if not text:
+            return Target.drop("hint_echo")
         if not self.accepts(text):
             return Target.drop("rejected_by_recipe")
         expected = item.metadata.get("expected")

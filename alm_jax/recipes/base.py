@@ -46,6 +46,9 @@ class GenerationItem:
     `fixed_response`: the answer, known from metadata (closed-form questions, captions): the engine asks
     no LLM and writes it as the assistant turn; the record's provenance generator is then `"metadata"`.
     `generation_messages` is still a valid prompt, so an engine that ignores this field can answer it.
+    `response_prefix`: the start of the LLM's answer, fixed (e.g. `No,` when the answer is known from
+    metadata): the engine appends it after the assistant header, the LLM continues it, and the target is
+    `prefix + " " + continuation`.
     """
     generation_messages: list[dict[str, str]]
     record_messages: list[dict[str, str]]
@@ -58,6 +61,7 @@ class GenerationItem:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     skip_reason: str | None = None
     fixed_response: str | None = None
+    response_prefix: str | None = None
 
     def to_record(self, response: str, generator: str, audio_format: str = "flac",
                   extra_metadata: dict[str, Any] | None = None) -> Record:
