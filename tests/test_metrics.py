@@ -69,7 +69,7 @@ def test_progress_line_modes(tmp_path, monkeypatch):
         log.log(20, {"loss": 1.0, "tokens_per_s": 2_500_000.0})
     text = tty.getvalue()
     assert "step 10/100 | loss 1.2346 | 12.3k tok/s" in text
-    assert "step 20/100 | loss 1.0000 | 2.50M tok/s | ETA 2m40s" in text
+    assert "step 20/100 | loss 1.0000 | 2.50M tok/s | 0.5 step/s | ETA 2m40s" in text
     assert text.startswith("\r") and text.endswith("\n")
 
     monkeypatch.setenv("CI", "true")

@@ -37,14 +37,13 @@ import numpy as np
 from alm_jax.config import SuiteConfig, TrainConfig
 from alm_jax.data.records import Record
 from alm_jax.data.seed_descriptions import desta_seed_description
-from alm_jax.data.sources.demo import DemoSource
 from alm_jax.errors import ConfigError
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.backbone import BackboneReference, load_backbone
 from alm_jax.evaluation.base import GenerationSuite
+from alm_jax.evaluation.hallucination import heldout_clips
 from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio,
                                   join_words, training_audio)
-from alm_jax.recipes.cooccurrence import Cooccurrence
 
 QUESTION = "Which of these sounds can you hear in the audio: {options}? Answer with one of them."
 OPTIONS = 4
@@ -85,10 +84,7 @@ class AlignmentSuite(GenerationSuite):
             raise ConfigError(f"suite {self.name}: clips={suite.clips} must be >= 1 and seed={suite.seed} >= 0")
         self.prefix = prefix
         self.answerer = Answerer(cfg, batch_size=suite.batch_size, max_new_tokens=suite.max_new_tokens)
-        longest = min(10.0, self.answerer.max_seconds)
-        source = DemoSource(seed=suite.seed, n_clips=suite.clips, sample_rate=self.answerer.sample_rate,
-                            min_duration=min(2.0, longest), max_duration=longest)
-        cooccurrence = Cooccurrence.from_source(source)
+        source, cooccurrence = heldout_clips(suite, self.answerer)
         n = min(suite.limit or suite.clips, suite.clips)
         self.items: list[dict[str, Any]] = []
         self.records: list[Record] = []
@@ -115,11 +111,8 @@ class AlignmentSuite(GenerationSuite):
                                            else (lambda: load_backbone(cfg, mesh)), texts)
 
     def run(self, model) -> dict[str, float]:
-        text = self.reference.texts()
-        alm = self.answerer.alm(model, self.records, self.progress)
-        bare = self.answerer.alm(model, self.bare)
         rows = []
-        for it, a, t, b in zip(self.items, alm, text, bare):
+        for it, (a, t, b) in zip(self.items, self.reference.compare(model, self.records, self.bare, self.progress)):
             read = {k: read_option(v, it["options"]) for k, v in (("alm", a), ("backbone_text", t), ("no_audio", b))}
             rows.append({**it, "alm": a, "backbone_text": t, "no_audio": b, "read": read})
         pct = lambda flags: 100.0 * sum(flags) / len(flags)

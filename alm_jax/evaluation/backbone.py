@@ -37,3 +37,9 @@ class BackboneReference:
             self._texts = [a.text for a in self.answerer.llm_answers(self.load(), self.chats)]
             self.load = None
         return self._texts
+
+    def compare(self, model, records, bare, progress=None) -> list[tuple[str, str, str]]:
+        """Per item `(ALM from audio, backbone from text, ALM without audio)`: `records` are the audio prompts
+        (one per chat of this reference), `bare` the same questions without audio."""
+        alm = self.answerer.alm(model, records, progress)
+        return list(zip(alm, self.texts(), self.answerer.alm(model, bare)))

@@ -96,6 +96,15 @@ def yes_no_metrics(expected: Sequence[str], answers: Sequence[str | None]) -> di
             "unparsed_rate": 100.0 * sum(a is None for a in answers) / n, "questions": float(n)}
 
 
+def heldout_clips(suite: SuiteConfig, answerer: Answerer) -> tuple[DemoSource, Cooccurrence]:
+    """The held-out demo clips of a single-clip suite (`DemoSource(suite.seed)`, 2 to 10 s but no longer than
+    the run's audio buffer) and their co-occurrence rules."""
+    longest = min(10.0, answerer.max_seconds)
+    source = DemoSource(seed=suite.seed, n_clips=suite.clips, sample_rate=answerer.sample_rate,
+                        min_duration=min(2.0, longest), max_duration=longest)
+    return source, Cooccurrence.from_source(source)
+
+
 class HallucinationSuite(GenerationSuite):
     """Balanced present/absent yes/no questions on held-out demo clips (module docstring)."""
     name = "hallucination"
@@ -108,10 +117,7 @@ class HallucinationSuite(GenerationSuite):
             raise ConfigError(f"suite {self.name}: seed={suite.seed} must be >= 0")
         self.prefix = prefix
         self.answerer = Answerer(cfg, batch_size=suite.batch_size, max_new_tokens=suite.max_new_tokens)
-        longest = min(10.0, self.answerer.max_seconds)
-        source = DemoSource(seed=suite.seed, n_clips=suite.clips, sample_rate=self.answerer.sample_rate,
-                            min_duration=min(2.0, longest), max_duration=longest)
-        cooccurrence = Cooccurrence.from_source(source)
+        source, cooccurrence = heldout_clips(suite, self.answerer)
         self.questions: list[dict[str, Any]] = []
         self.records: list[Record] = []
         self.skipped_clips = 0

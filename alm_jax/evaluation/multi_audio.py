@@ -192,11 +192,8 @@ class MultiAudioSuite(GenerationSuite):
         return read_yes_no(text) if item["task"] == "same_sentence" else read_choice(text)
 
     def run(self, model) -> dict[str, float]:
-        text = self.reference.texts()
-        alm = self.answerer.alm(model, self.records, self.progress)
-        bare = self.answerer.alm(model, self.bare)
         rows = []
-        for it, a, t, b in zip(self.items, alm, text, bare):
+        for it, (a, t, b) in zip(self.items, self.reference.compare(model, self.records, self.bare, self.progress)):
             ra, rt, rb = self._read(it, a), self._read(it, t), self._read(it, b)
             rows.append({"task": it["task"], "question": it["question"], "expected": it["expected"], "seeds": it["seeds"],
                          "labels": it.get("labels"),

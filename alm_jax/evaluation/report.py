@@ -36,7 +36,8 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], title: str | None = No
 
 
 def progress_printer(label: str, stream: TextIO | None = None, *, force: bool = False) -> Callable[[int, int], None] | None:
-    """A `(done, total)` callback writing `label: done/total (elapsed)` to stderr after each batch, or None
+    """A `(done, total)` callback writing `label: done/total items, items/s, elapsed, ETA` to stderr after each
+    batch, or None
     when the stream is not a terminal (logs stay quiet) unless `force`."""
     stream = stream or sys.stderr
     if not force and not (hasattr(stream, "isatty") and stream.isatty()):
@@ -44,6 +45,9 @@ def progress_printer(label: str, stream: TextIO | None = None, *, force: bool = 
     start = time.time()
 
     def report(done: int, total: int) -> None:
-        stream.write(f"{label}: {done}/{total} ({time.time() - start:.0f} s)\n")
+        elapsed = time.time() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        stream.write(f"{label}: {done}/{total} items, {rate:.2f} items/s, {elapsed:.0f} s, ETA {eta:.0f} s\n")
         stream.flush()
     return report

@@ -275,12 +275,14 @@ class MetricsLogger:
         if row.get("tokens_per_s") is not None:
             parts.append(f"{_fmt_rate(row['tokens_per_s'])} tok/s")
         done = step - self._first_step
-        if done > 0 and step < self.total_steps:
+        if done > 0:
             per_step = (time.perf_counter() - self._t0) / done
-            parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
+            parts.append(f"{1 / per_step:.3g} step/s" if per_step > 0 else "")
+            if step < self.total_steps:
+                parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
         elif row.get("step_time") is not None and step < self.total_steps:
             parts.append(f"ETA {_fmt_duration(row['step_time'] * (self.total_steps - step))}")
-        line = " | ".join(parts)
+        line = " | ".join(p for p in parts if p)
         if self._tty:
             self._line_open = step < self.total_steps
             self.stream.write("\r\x1b[2K" + line + ("" if self._line_open else "\n"))
