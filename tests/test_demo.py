@@ -51,7 +51,8 @@ FAKE_ALM = textwrap.dedent('''
         row = {"step": 4, **{f"eval/{suite}/{k}": v for k, v in metrics.items()}}
         (out / f"{suite}.json").write_text(json.dumps({argv[1]: row}))
         if suite in ("alignment", "hallucination"):
-            item = {"seed": "[00:00-00:03] (Audio category: siren)", "question": "Q?", "expected": "siren",
+            item = {"seed": "[00:00-00:03] (Audio category: siren)", "question": "Q?", "expected": "yes",
+                    "labels": ["siren"],
                     "alm": "a siren", "answer": "Yes", "backbone_text": "siren <b>"}
             (out / f"{suite}-details").mkdir(exist_ok=True)
             (out / f"{suite}-details" / "0-checkpoints.json").write_text(json.dumps({"items": [item] * 3}))

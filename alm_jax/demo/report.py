@@ -39,6 +39,8 @@ KEYS = {
     "alignment.ratio": ("alignment", "ratio"),
     "alignment.accuracy": ("alignment", "accuracy"),
     "alignment.accuracy_backbone_text": ("alignment", "accuracy_backbone_text"),
+    "alignment.accuracy_no_audio": ("alignment", "accuracy_no_audio"),
+    "alignment.readable_backbone": ("alignment", "readable_backbone"),
     "alignment.items": ("alignment", "items"),
 }
 CURVES = (("eval/hallucination/accuracy", "hallucination accuracy"),
@@ -193,7 +195,7 @@ def examples(run_dir, n: int = 6) -> list[dict[str, str]]:
     rows = []
     for item in _details(run_dir, "alignment").get("items", [])[: n // 2]:
         rows.append({"seed": item["seed"], "question": item["question"], "alm": item["alm"],
-                     "backbone_text": item["backbone_text"], "expected": item["expected"]})
+                     "backbone_text": item["backbone_text"], "expected": ", ".join(item["labels"])})
     for item in _details(run_dir, "hallucination").get("items", [])[: n - len(rows)]:
         rows.append({"seed": item.get("seed", ""), "question": item["question"], "alm": item["answer"],
                      "backbone_text": item.get("backbone_text", ""), "expected": item["expected"]})

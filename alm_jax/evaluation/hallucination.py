@@ -23,7 +23,8 @@ The answer is read by `read_yes_no`: the first word if it is yes / no, else the 
 sound), `yes_rate` (share of all answers that read yes), `unparsed_rate`, and the counts `questions`,
 `skipped_clips`. With `baselines` (the suite config's, default on) two references come with them, on the
 same questions: `backbone_text_accuracy` (the frozen backbone answering from the clip's DeSTA seed description
-in the generation layout: the ceiling of what self-generated targets can teach, computed once) and
+in the generation layout with BALSa's yes/no hints, the prompt BALSa targets come from: the ceiling of what
+self-generated targets can teach, computed once) and
 `no_audio_accuracy` (the ALM with the question alone). The answers of the last run are in `details`.
 """
 
@@ -45,6 +46,7 @@ from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.backbone import BackboneReference, load_backbone
 from alm_jax.recipes.base import GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, training_audio
 from alm_jax.recipes.cooccurrence import Cooccurrence
+from alm_jax.recipes.pools import json_pool
 
 TEMPLATES = ("Is there a sound of {label} in the audio?", "Can you hear {label} in this clip?",
              "Does the recording contain {label}?", "Is {label} audible in this audio?")
@@ -140,7 +142,9 @@ class HallucinationSuite(GenerationSuite):
                               "absent label; use more clips")
         self.reference = self.bare = None
         if suite.baselines:
-            texts = [chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio([q['seed']])}\n{q['question']}")
+            hints = json_pool("balsa.json")["hints"]   # BALSa's yes/no generation prompt, without the answer
+            tail = "\n".join(hints[k] for k in ("complete", "yes_no", "listening"))
+            texts = [chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio([q['seed']])}\n{q['question']}\n\n{tail}")
                      for q in self.questions]
             self.reference = BackboneReference(self.answerer, (lambda: backbone) if backbone is not None
                                                else (lambda: load_backbone(cfg, mesh)), texts)
