@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", default=None, help="cache root for the demo models")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--size", default=os.environ.get("DEMO_SIZE", "full"), choices=["full", "small"],
-                      help="full (default, ~30 min on 2 cores) or small (minutes); default from $DEMO_SIZE")
+                      help="full (default, ~80 min on 2 cores) or small (minutes); default from $DEMO_SIZE")
     demo.add_argument("--seed", type=int, default=0, help="training seed (the corpus seeds are fixed)")
     demo.set_defaults(func=_cmd_demo)
     return p

@@ -75,18 +75,11 @@ def _details(run_dir: Path, suite: str) -> dict[str, Any]:
 
 
 def training_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "train" / "metrics.jsonl"
-    if not path.exists():
+    """The metric rows of `run_dir/train/metrics.jsonl` (event rows left out; [] before training)."""
+    from alm_jax.training.metrics import METRICS_FILE, read_metrics
+    if not (run_dir / "train" / METRICS_FILE).exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "event" not in row and "step" in row:
-            rows.append(row)
-    return rows
+    return [r for r in read_metrics(run_dir / "train") if "event" not in r and "step" in r]
 
 
 def count_clips(corpus_dir: Path) -> int | None:

@@ -142,6 +142,9 @@ class BalsaRecipe(Recipe):
         self.answer_hint = answer_hint
         self.pools = _pools()
         self.hints = dict(json_pool("balsa.json")["hints"])
+        # each hint's opening words (up to its first slot), lowercased: what `cut_hint_echo` looks for
+        self.hint_heads = [h for h in (" ".join(t.split()[:4]).split("{")[0].strip().lower()
+                                       for t in self.hints.values()) if len(h) >= 12]
         self._table: tuple[object, Cooccurrence] | None = None
 
     # --- co-occurrence ----------------------------------------------------------------------------------
@@ -281,9 +284,7 @@ class BalsaRecipe(Recipe):
     def cut_hint_echo(self, text: str) -> str:
         """`text` cut before the first copy of a hint's opening words (the hints are generation-only) that
         is not at its start; a text that starts with a copy keeps that first sentence only. Stripped."""
-        low = text.lower()
-        heads = [" ".join(h.split()[:4]).split("{")[0].strip().lower() for h in self.hints.values()]
-        heads = [h for h in heads if len(h) >= 12]
+        low, heads = text.lower(), self.hint_heads
         cut = len(text)
         for head in heads:
             at = low.find(head, 1)
