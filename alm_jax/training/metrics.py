@@ -48,9 +48,9 @@ DISCARDED_FILE = "metrics.discarded.jsonl"
 class StepTimer:
     """Splits wall time into data wait (inside `next(iterator)`) and step time (inside `step()`).
 
-    With asynchronous dispatch the step time is the time until the step call returns; in a steady
-    state that equals the device step time, because dispatch blocks once the queue is full. Wait on the
-    step's output inside `step()` for exact per-step numbers."""
+    Wait on the step's output inside `step()` (the trainer reads its scalars there): with asynchronous
+    dispatch the step call returns before the device is done, and a loop that waits on every step never
+    fills the dispatch queue, so timing the call alone measures only dispatch."""
 
     def __init__(self):
         self.last_data_wait = 0.0

@@ -320,8 +320,8 @@ def train(cfg: TrainConfig, *, evaluators: Sequence[Any] = (), stop_after: int |
                     state, m = step_fn(state, frozen, to_global(batch, mesh), step)
                 if sync:
                     m["loss"].block_until_ready()
+                host = host_scalars(m)   # waits for the step: step_time is its compute, not just its dispatch
             step += 1
-            host = host_scalars(m)
             losses[step] = host["loss"]
             skipped = host["skipped"] > 0
             skipped_total += int(skipped)
