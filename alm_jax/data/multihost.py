@@ -154,7 +154,8 @@ def build_batches(cfg: TrainConfig, llm_dir: str, corpora, *, rows: tuple[int, i
     epochs: passes over the corpus, None = repeat forever, "config" = `data.epochs`; batch_size: the
     global batch (default `data.batch_size`); fraction: the nested subset read (default `data.fraction` for
     the training corpus, all of any other, e.g. held-out data: a scaling study scores every point on the
-    whole held-out set)."""
+    whole held-out set). `data.weights` mix the training corpora; any other corpora are mixed in proportion to
+    their records, so one pass reads each of them whole."""
     if fraction is None:
         fraction = cfg.data.fraction if what == "data.corpus" else 1.0
     if epochs == "config":
@@ -164,6 +165,9 @@ def build_batches(cfg: TrainConfig, llm_dir: str, corpora, *, rows: tuple[int, i
                           "under runs/demo/corpus)")
     layout = BatchLayout.make(batch_size or cfg.data.batch_size, rows, data_shards)
     builder = sample_builder(cfg, llm_dir)
+    # data.weights mix the training corpora; other corpora (held-out data) in proportion to their records
+    weights = (cfg.data.weights or None) if what == "data.corpus" else [max(len(Corpus(c).source), 1)
+                                                                          for c in corpora]
     datasets = []
     for s in layout.shards:
         pcfg = PipelineConfig(batch_size=layout.rows_per_shard, seq_len=cfg.data.max_text_tokens,
@@ -172,7 +176,7 @@ def build_batches(cfg: TrainConfig, llm_dir: str, corpora, *, rows: tuple[int, i
                               bad_fraction_limit=cfg.data.bad_fraction_limit, process_index=s,
                               process_count=layout.num_shards)
         sources = [Corpus(c).source for c in corpora]
-        datasets.append(make_dataset(sources, builder, pcfg, weights=cfg.data.weights or None))
+        datasets.append(make_dataset(sources, builder, pcfg, weights=weights))
     return ShardedData(datasets, layout)
 
 
