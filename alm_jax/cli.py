@@ -122,7 +122,8 @@ def _cmd_eval(args) -> int:
             corpora = args.data or list(cfg.eval.corpus)
             if not corpora:
                 raise ConfigError("no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
-            ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1)
+            ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1,
+                                    listening_gap=cfg.eval.listening_gap)
         else:
             check_suites(cfg.eval)
             suite = replace_suite(suite_config(cfg.eval, args.suite), data=args.data[0] if args.data else None,

@@ -203,6 +203,7 @@ class EvalConfig:
     every: int = 0                # 0 = off
     batches: int = 4
     corpus: tuple[str, ...] = ()  # held-out corpus directories (required when every > 0 and "loss" runs)
+    listening_gap: bool = False   # "loss" also scores each sample with the next sample's audio: eval/listening_gap
     evaluators: tuple[str, ...] = ("loss",)   # names in alm_jax/evaluation/__init__.py::EVALUATORS
     suites: tuple[SuiteConfig, ...] = ()      # per-suite settings for the evaluators named above
     santa: str = "auto"           # MATS answers: the Santa memory file (`alm santa` writes it); auto =
