@@ -71,6 +71,9 @@ class ConnectorConfig:
     perceiver_widening: int = 1        # ... MLP widening factor
     mapper_tokens: int = 40
     dropout: float = 0.0     # connector dropout in training (DeSTA's Q-Former: BERT's 0.1; ALARM-CA fusion: 0.1)
+    output_init: Literal["default", "embeddings"] = "default"   # embeddings: the last projection starts with the
+                             # LLM's token-embedding RMS (its kernel rescaled), so fresh audio tokens look like
+                             # text to the frozen LLM; a small-data departure from the papers' init (the demo)
     transcript_tokens: int = 0   # DeSTA2.5: after each clip's audio tokens, at most this many tokens of its
                                  # transcript (training: the record's; inference: Whisper's, behind the voice-
                                  # activity gate; " " without speech). 0 = off; published 100

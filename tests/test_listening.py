@@ -1,4 +1,5 @@
-"""Whether a model hears its clip: the held-out listening gap (each sample scored with the next sample's audio)."""
+"""Whether a model hears its clip: the held-out listening gap (each sample scored with the next sample's audio)
+and the connector's `output_init: embeddings` (fresh audio tokens at the LLM's token-embedding scale)."""
 
 import json
 
@@ -66,3 +67,32 @@ def test_listening_gap_is_the_loss_difference_with_swapped_audio(tiny, tmp_path)
     assert gap["eval/loss_other_audio"] == pytest.approx(float(total / tokens), rel=1e-5)
     with pytest.raises(ConfigError, match="listening_gap"):
         HeldOutLoss(cfg, cfg.eval.corpus, batches=1, batch_size=1, listening_gap=True)
+
+
+def _token_and_embedding_rms(model, n=4, seconds=0.5):
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    audio = jnp.asarray(rng.standard_normal((n, int(16000 * seconds))).astype(np.float32) * 0.1)
+    tokens = np.asarray(model.audio_tokens(audio, jnp.full((n,), audio.shape[1], jnp.int32)))
+    table = np.asarray(model.llm.embed_tokens.embedding[...], np.float32)
+    return float(np.sqrt(np.mean(tokens ** 2))), float(np.sqrt(np.mean(table ** 2)))
+
+
+def test_output_init_embeddings_starts_audio_tokens_at_the_embedding_scale(tiny, tmp_path):
+    from alm_jax.weights.alm_params import build_alm
+    default = build_alm(_cfg(tiny, tmp_path).model, seed=0)
+    scaled = build_alm(_cfg(tiny, tmp_path, "model.connector.output_init=embeddings").model, seed=0)
+    tok_default, emb = _token_and_embedding_rms(default)
+    tok_scaled, emb_again = _token_and_embedding_rms(scaled)
+    assert emb == emb_again
+    assert abs(tok_scaled / emb - 1) < 0.25, (tok_scaled, emb)     # LayerNorm output x kernel std * sqrt(in)
+    assert tok_default / emb > 2, (tok_default, emb)               # what it corrects: default tokens are larger
+    assert float(np.abs(np.asarray(scaled.connector.net.proj.bias[...])).max()) == 0.0
+
+
+def test_output_init_embeddings_needs_one_output_projection(tiny, tmp_path):
+    from alm_jax.errors import ConfigError
+    from alm_jax.weights.alm_params import build_alm
+    cfg = _cfg(tiny, tmp_path, "model.connector.kind=alarm", "model.connector.output_init=embeddings")
+    with pytest.raises(ConfigError, match="output_init"):
+        build_alm(cfg.model, seed=0)

@@ -101,6 +101,8 @@ class AudioLanguageModel(nnx.Module):
         self.connector = cls(connector, infos, llm.cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                              **stack_kw)
         self.token_rule = token_rule_for(cls, connector, encoder_cfgs)
+        if connector.output_init == "embeddings":
+            match_embedding_scale(self.connector, llm, connector.kind)
 
     # ---- audio side
 
@@ -252,6 +254,25 @@ class AudioLanguageModel(nnx.Module):
     def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Logits `[B, T, vocab]` float32 for a pipeline batch (see alm_jax/data/pipeline.py)."""
         return self.llm.logits(self.hidden(batch))
+
+
+def match_embedding_scale(connector, llm: DecoderLM, kind: str) -> None:
+    """Rescale the connector's output projection (in place) so that, for unit-variance inputs (it follows a
+    LayerNorm), its outputs' RMS is the LLM's token-embedding RMS: kernel std = rms / sqrt(in_features),
+    bias 0. A fresh connector's tokens are otherwise far larger than text embeddings (DeSTA's Q-Former on
+    SmolLM2: 8x), which a short run learns to neutralise instead of reading."""
+    proj = connector.output_projection()
+    if proj is None:
+        raise ConfigError(f"model.connector.output_init=embeddings needs a connector with one output projection; "
+                          f"{kind!r} has none: use output_init: default")
+    table = llm.embed_tokens.embedding[...].astype(jnp.float32)
+    target = jnp.sqrt(jnp.mean(table * table))
+    kernel = proj.kernel[...].astype(jnp.float32)
+    std = jnp.sqrt(jnp.mean(kernel * kernel))
+    scale = target / (std * jnp.sqrt(jnp.float32(proj.in_features)))
+    proj.kernel.set_value((kernel * scale).astype(proj.kernel.dtype))
+    if proj.bias is not None:
+        proj.bias.set_value(jnp.zeros_like(proj.bias[...]))
 
 
 def splice_audio(text: jax.Array, tokens: jax.Array, clip: jax.Array, pos: jax.Array) -> jax.Array:

@@ -105,6 +105,11 @@ class Connector(nnx.Module):
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def output_projection(self):
+        """The `layers.Linear` whose outputs are the audio tokens (the input of `output_init: embeddings`), or
+        None when the kind has no single one."""
+        return None
+
     def encoder_valid_positions(self, audio_samples: jax.Array) -> jax.Array | None:
         """Per clip, how many leading encoder positions the encoder's self-attention may use as keys (the
         rest is padding it must not see), or None: every position (the default; Whisper was trained on the

@@ -299,3 +299,6 @@ class DestaConnector(Connector):
 
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
         return self.net(states[0])
+
+    def output_projection(self) -> Linear:
+        return self.net.proj
