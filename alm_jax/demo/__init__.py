@@ -118,7 +118,8 @@ def train_overrides(out: Path, size: DemoSize, seed: int) -> list[str]:
     return [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
             f"checkpoint.dir={out / 'checkpoints'}", f"logging.dir={out / 'train'}", f"steps={size.steps}",
             f"optim.total_steps={size.steps}", f"data.batch_size={size.batch_size}", f"seed={seed}",
-            f"eval.every={size.eval_every}", "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
+            f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
+            "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
             f"checkpoint.every={size.eval_every}", "resume=auto"]
 
 

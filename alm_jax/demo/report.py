@@ -9,7 +9,8 @@ logged step, periodic `eval/...` rows), `eval/<suite>.json` and `eval/<suite>-de
 times). `report.json` holds the flat keys the README quotes (`hallucination.accuracy`, `hallucination.no_f1`,
 `hallucination.backbone_text_accuracy`, `hallucination.no_audio_accuracy`, `multi_audio.accuracy`,
 `forgetting.exact_match`, `alignment.agreement`, `alignment.baseline`, `train.steps`, `train.seconds`,
-`total_seconds`) and more (confidence intervals, the corpus counts).
+`total_seconds`) and more (confidence intervals, the corpus counts, and the last periodic held-out loss with
+each clip's own audio and with another clip's: `train.listening_gap`, ~0 for a model that does not listen).
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def collect(run_dir) -> dict[str, Any]:
     steps = [r["step"] for r in rows if "loss" in r]
     if steps:
         out["train.steps"] = max(steps)
+    evals = [r for r in rows if r.get("eval/listening_gap") is not None]
+    if evals:   # the last periodic held-out loss with the clip's own audio and with the next sample's
+        out["train.heldout_loss"] = evals[-1]["eval/loss"]
+        out["train.heldout_loss_other_audio"] = evals[-1]["eval/loss_other_audio"]
+        out["train.listening_gap"] = evals[-1]["eval/listening_gap"]
     if "train" in timings:
         out["train.seconds"] = timings["train"]
     corpus = {}
@@ -160,8 +166,11 @@ def plots(run_dir) -> list[str]:
     written = []
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     held = [(r["step"], r["eval/loss"]) for r in rows if r.get("eval/loss") is not None]
+    other = [(r["step"], r["eval/loss_other_audio"]) for r in rows if r.get("eval/loss_other_audio") is not None]
     if _plot(run_dir / "loss.png", [("training loss", [s for s, _ in train], [v for _, v in train]),
-                                    ("held-out loss", [s for s, _ in held], [v for _, v in held])],
+                                    ("held-out loss", [s for s, _ in held], [v for _, v in held]),
+                                    ("held-out loss, another clip's audio", [s for s, _ in other],
+                                     [v for _, v in other])],
              "loss (nats / token)", "Loss"):
         written.append("loss.png")
     curves = []
