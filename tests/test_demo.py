@@ -35,7 +35,8 @@ FAKE_ALM = textwrap.dedent('''
         (ckpt / "state").write_text("x")
         logdir = Path(kv["logging.dir"]); logdir.mkdir(parents=True)
         rows = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, int(kv["steps"]) + 1)]
-        rows += [{"step": s, "eval/loss": 2.5, "eval/hallucination/accuracy": 50.0 + s,
+        rows += [{"step": s, "eval/loss": 2.5, "eval/loss_other_audio": 2.5 + s / 10, "eval/listening_gap": s / 10,
+                  "eval/hallucination/accuracy": 50.0 + s,
                   "eval/alignment/agreement": 30.0 + s, "eval/alignment/baseline": 20.0} for s in (2, 4)]
         rows.insert(1, {"step": 1, "event": "resume"})
         (logdir / "metrics.jsonl").write_text("\\n".join(json.dumps(r) for r in rows) + "\\n")
@@ -108,6 +109,8 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
                 "alignment.agreement", "alignment.baseline", "train.steps", "train.seconds", "total_seconds"):
         assert key in report, key
     assert report["train.steps"] == 4 and report["alignment.agreement"] == 60.0
+    assert report["train.listening_gap"] == 0.4 and report["train.heldout_loss_other_audio"] == 2.9   # the last eval
+    assert "eval.listening_gap=true" in train
     lo, hi = report["multi_audio.ci95"]
     assert 50.0 < lo < 60.0 < hi < 70.0               # Wilson interval of 60 / 100
     assert report["corpus"]["balsa"] == {"items": 6, "records": 5, "filtered": {"rejected_by_recipe": 1}, "clips": None}
