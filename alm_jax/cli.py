@@ -6,6 +6,8 @@
     alm serve --llm DIR             an OpenAI-compatible chat endpoint over our sampler (loopback)
     alm train CONFIG [key=value...] train (or resume) as configured; dotted overrides
     alm eval CKPT_DIR... --suite S  evaluate trained checkpoints (held-out loss, benchmark suites)
+    alm eval CKPT_A CKPT_B --ensemble alarm_e --suite mmsu   ALARM-E: one inference-time ensemble of the
+                                    checkpoints (one frozen LLM, one audio span each; evaluation/ensemble.py)
     alm eval score --benchmark B --predictions FILE   score MMAU / MMSU / MMAR predictions (official rules)
     alm export CKPT_DIR --format F --out DIR   llm | peft | qwen2-audio | bundle (alm_jax/export)
     alm import BUNDLE [--out CKPT_DIR]         rebuild a bundle's JAX model (and write it as a checkpoint)
@@ -115,7 +117,32 @@ def _cmd_eval(args) -> int:
     if args.suite != "loss" and args.data and len(args.data) > 1:
         raise ConfigError(f"--suite {args.suite} reads one items / prompts file; got --data {args.data}")
     rows, details = {}, {}
-    for directory in args.checkpoints:
+
+    def suite_for(cfg):
+        check_suites(cfg.eval)
+        return replace_suite(suite_config(cfg.eval, args.suite), data=args.data[0] if args.data else None,
+                             audio_root=args.audio_root, prompt=args.prompt, limit=args.limit,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+
+    def record(name, step, ev, model):
+        rows[name] = {"step": step, **ev.run(model)}
+        if getattr(ev, "details", None) is not None:
+            details[name] = ev.details
+        print(f"{name} (step {step}): " + ", ".join(f"{k} {v:.4f}" for k, v in rows[name].items() if k != "step"),
+              flush=True)
+
+    if args.ensemble:   # one model from all the checkpoints (evaluation/ensemble.py)
+        from alm_jax.evaluation.ensemble import ENSEMBLE_SUITES, AlarmEnsemble, ensemble_suite
+        if len(args.checkpoints) < 2 or args.suite not in ENSEMBLE_SUITES:
+            raise ConfigError(f"--ensemble {args.ensemble} joins two or more checkpoints (in prompt order; ALARM-E: "
+                              f"ALARM-CA, then AL-Whisper-Instruct-R) on a suite of {sorted(ENSEMBLE_SUITES)}; got "
+                              f"{len(args.checkpoints)} checkpoint(s) and --suite {args.suite}")
+        runs = [load_run(directory, args.step, overrides=args.set or ()) for directory in args.checkpoints]
+        ev = ensemble_suite([r.cfg for r in runs], suite_for(runs[0].cfg))
+        name = f"{args.ensemble}({' + '.join(args.checkpoints)})"
+        ev.progress = progress_printer(f"{args.suite} {name}")
+        record(name, "+".join(str(r.step) for r in runs), ev, AlarmEnsemble([r.model for r in runs]))
+    for directory in [] if args.ensemble else args.checkpoints:
         run = load_run(directory, args.step, overrides=args.set or ())
         cfg, model, step = run.cfg, run.model, run.step
         if args.suite == "loss":
@@ -125,24 +152,16 @@ def _cmd_eval(args) -> int:
             ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1,
                                     listening_gap=cfg.eval.listening_gap)
         else:
-            check_suites(cfg.eval)
-            suite = replace_suite(suite_config(cfg.eval, args.suite), data=args.data[0] if args.data else None,
-                                  audio_root=args.audio_root, prompt=args.prompt, limit=args.limit,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-            ev = EVALUATORS[args.suite].build(cfg, suite)
+            ev = EVALUATORS[args.suite].build(cfg, suite_for(cfg))
             ev.progress = progress_printer(f"{args.suite} {directory}")
-        rows[str(directory)] = {"step": step, **ev.run(model)}
-        if getattr(ev, "details", None) is not None:
-            details[str(directory)] = ev.details
-        print(f"{directory} (step {step}): " + ", ".join(f"{k} {v:.4f}" for k, v in rows[str(directory)].items()
-                                                         if k != "step"), flush=True)
+        record(str(directory), step, ev, model)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.suite}.json").write_text(json.dumps(rows, indent=2))
         (out / f"{args.suite}.md").write_text(markdown_table(rows, title=args.suite))
         for i, (directory, d) in enumerate(details.items()):
-            path = out / f"{args.suite}-details" / f"{i}-{Path(directory).name or 'run'}.json"
+            path = out / f"{args.suite}-details" / f"{i}-{args.ensemble or Path(directory).name or 'run'}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps({"checkpoint": directory, **d}, indent=1, ensure_ascii=False))
         print(f"results: {out / (args.suite + '.json')}, {out / (args.suite + '.md')}"
@@ -270,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the stored run config for this evaluation (repeatable), e.g. "
                     "--set data.max_clips=2 for the multi_audio suite; model.* cannot change")
     ev.add_argument("--out", default=None, help="directory for <suite>.json and <suite>.md (score: the report file)")
+    ev.add_argument("--ensemble", default=None, choices=["alarm_e"], help="answer with one ensemble of all the "
+                    "checkpoints (ALARM-E: one frozen LLM, one audio span per checkpoint, in the order given) on "
+                    "mmau, mmsu or mmar")
     ev.add_argument("--benchmark", default=None, help="score: mmau, mmsu or mmar")
     ev.add_argument("--predictions", default=None, help="score: the items (JSON list or JSON lines) with outputs")
     ev.add_argument("--key", default=None, help="score: the output key (default: the official one: MMAU "
