@@ -35,6 +35,8 @@ _ALARM_OPTIM = [   # §3 Training [V]: HF Trainer adamw_torch, main.yaml, train_
     ("model.encoders.0.tap_indexing", "hf", "§3 Architecture: layer indices index HF hidden_states"),
     ("model.connector.adapter_dim", 1024, "§3 adapter: Linear(enc_dim -> 1024)"),
     ("model.connector.adapters.0", "batch", "§3 Encoders table: Whisper DownsamplerConformer, BatchNorm"),
+    ("model.encoders.0.window_seconds", 30.0, "§3 Encoders table: Whisper padding trimmed after the 30 s window"),
+    ("data.max_audio_seconds", 60.0, "§3 Data: audio over 60 s is dropped (two Whisper windows)"),
 ]
 _ALARM_W2V = [
     ("model.encoders.1.path", "w2v-bert-2.0", "§3 Encoders table: W2V-BERT 2.0 facebook/w2v-bert-2.0"),
@@ -127,6 +129,10 @@ PUBLISHED_VALUES: dict[str, list[tuple[str, object, str]]] = {
         ("optim.lr", 3e-5, "§4 Hyper-parameters: MATS-LLaMA lr 3e-5, cosine [S]"),
         ("steps", 360000, "§4 Hyper-parameters: MATS-LLaMA 360 k iterations [S]"),
         ("optim.total_steps", 360000, "§4 Hyper-parameters: cosine over the 360 k iterations [S]"),
+        ("eval.decoding.kind", "beam", "§4 Decoding [V]: beam search"),
+        ("eval.decoding.num_beams", 4, "§4 Decoding [V]: beam 4"),
+        ("eval.decoding.no_repeat_ngram_size", 2, "§4 Decoding [V]: no_repeat_ngram_size 2"),
+        ("eval.decoding.repetition_penalty", 2.0, "§4 Decoding [V]: repetition penalty 2.0"),
     ],
     "mallm": [
         ("model.lora.rank", 64, "§5: backbone believed fine-tuned with LoRA [U] (Qwen fine-tuning scripts' r 64)"),

@@ -230,3 +230,13 @@ def test_santa_steps_match_the_published_algorithm(noise_std):
     np.testing.assert_allclose(np.asarray(got.z), want_z, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mem(jnp.asarray(z), key)), want_z, atol=1e-5)
     assert want_w.max(-1).min() < 0.99   # the weights are a real mixture, not one entry
+
+
+def test_santa_defaults_are_the_published_values():
+    """§4 / digest item 21: K=100 k-means clusters, top-32 retrieval, softmax(10 * dot), lambda 0.3, in the
+    config class and in `alm santa`'s defaults."""
+    from alm_jax.cli import build_parser
+    cfg = SantaConfig()
+    assert (cfg.n_clusters, cfg.k, cfg.tau, cfg.lam) == (100, 32, 10.0, 0.3)
+    args = build_parser().parse_args(["santa", "CKPT"])
+    assert (args.clusters, args.top_k, args.tau, args.lam) == (100, 32, 10.0, 0.3)
