@@ -5,8 +5,6 @@ trains on a corpus its recipe wrote; at inference, Whisper writes the transcript
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -200,58 +198,23 @@ def test_desta_connector_with_transcripts_matches_torch_bert_encoder_and_desta_s
 # ---------------------------------------------------------------------------------------------- training
 
 
-class _Scripted:
-    """A backbone that answers from a script (no model): `ANSWERS[0]` when the seed description holds speech (a
-    speaker's attributes), else `ANSWERS[1]`; the prompt comes from a real `ResponseGenerator`."""
-
-    def __init__(self, inner):
-        self.inner, self.tokenizer, self.name, self.sampling = inner, inner.tokenizer, "scripted", inner.sampling
-        self.max_prompt_tokens, self.max_new_tokens, self.tokens_generated = inner.max_prompt_tokens, 8, 0
-
-    def prompt_ids(self, messages):
-        return self.inner.prompt_ids(messages)
-
-    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
-        from alm_jax.generation.engine import Response
-        texts = [self.tokenizer.decode(p) for p in prompts]
-        return [Response(ANSWERS[0] if "Gender" in t else ANSWERS[1], 5, True) for t in texts]
-
-
 @pytest.fixture(scope="module")
 def desta_setup(tmp_path_factory, demo_models):
     """Tiny LLM (SmolLM2 tokenizer, weights as `LLM_*`) + tiny Whisper (3.2 s window) dirs and a corpus the DeSTA
     recipe wrote (8 records of demo speech and sound clips, scripted answers)."""
-    import shutil
-
-    from tiny_setup import TOKENIZER_FILES
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+    from tiny_setup import ScriptedBackbone, write_steerable_llm, write_tiny_whisper
 
     from alm_jax.data.sources.demo import DemoSource
     from alm_jax.generation.engine import ResponseGenerator, generate_corpus
     from alm_jax.recipes.desta import DestaRecipe
     root = tmp_path_factory.mktemp("desta")
     llm, whisper = root / "llm", root / "whisper"
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=LLM_WIDTH, intermediate_size=2 * LLM_WIDTH,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False, max_position_embeddings=256,
-                                      initializer_range=LLM_STD))
-    tok = AutoTokenizer.from_pretrained(demo_models.llm)
-    used = sorted({tok.eos_token_id, *(i for a in ANSWERS for i in tok.encode(a, add_special_tokens=False))})
-    with torch.no_grad():      # only the answers' tokens get an output row: the others' logits stay 0
-        hf.model.embed_tokens.weight.normal_(0.0, EMB_STD)
-        hf.lm_head.weight.zero_()
-        hf.lm_head.weight[used] = HEAD_STD * torch.randn(len(used), LLM_WIDTH)
-    hf.save_pretrained(llm)
-    for f in TOKENIZER_FILES:
-        if (Path(demo_models.llm) / f).exists():
-            shutil.copy(Path(demo_models.llm) / f, llm / f)
-    WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-                               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                               max_source_positions=160, max_target_positions=32, vocab_size=100, pad_token_id=0,
-                               bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).save_pretrained(whisper)
+    write_steerable_llm(llm, demo_models.llm, ANSWERS, LLM_WIDTH, LLM_STD, EMB_STD, HEAD_STD)
+    write_tiny_whisper(whisper, 160)
     source = DemoSource(seed=4, n_clips=8, kinds=("speech", "events"), min_duration=0.5, max_duration=1.0)
-    gen = _Scripted(ResponseGenerator(llm, batch_size=8, max_new_tokens=8, max_prompt_tokens=2048))
+    # scripted answers (no model): `ANSWERS[0]` when the seed description holds speech (a speaker's attributes)
+    gen = ScriptedBackbone(ResponseGenerator(llm, batch_size=8, max_new_tokens=8, max_prompt_tokens=2048),
+                           lambda prompt: ANSWERS[0] if "Gender" in prompt else ANSWERS[1])
     generate_corpus(root / "corpus", source, DestaRecipe(seed=1), gen, n_records=8, records_per_shard=8)
     return {"llm": str(llm), "whisper": str(whisper), "corpus": str(root / "corpus")}
 

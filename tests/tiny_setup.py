@@ -15,23 +15,80 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def copy_tokenizer(tokenizer_dir: Path, llm_dir: Path) -> None:
+    for f in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / f).exists():
+            shutil.copy(Path(tokenizer_dir) / f, Path(llm_dir) / f)
+
+
+def write_tiny_whisper(path: Path, max_source_positions: int = 50, init_std: float = 0.02) -> Path:
+    """A random 2-block Whisper (d 32, 80 mels) saved as an HF directory; `max_source_positions` / 50 seconds of
+    audio fit its window. Weights drawn with std `init_std` from torch's global generator (seed it first for fixed
+    weights); at HF's default 0.02 its states hardly depend on the audio (about 1% of their norm on short clips, the
+    positional embeddings dominate), at 0.3 about half."""
+    from transformers import WhisperConfig, WhisperModel
+    cfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=max_source_positions, max_target_positions=32, vocab_size=100,
+                        init_std=init_std, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperModel(cfg).save_pretrained(path)
+    return Path(path)
+
+
 def write_tiny_models(root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     llm_dir, wh_dir = root / "llm", root / "whisper"
     vocab = 49152
     LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                  max_position_embeddings=256)).save_pretrained(llm_dir)
-    for f in TOKENIZER_FILES:
-        if (tokenizer_dir / f).exists():
-            shutil.copy(tokenizer_dir / f, llm_dir / f)
-    WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-                               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                               max_source_positions=50, max_target_positions=32, vocab_size=100,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).save_pretrained(wh_dir)
+    copy_tokenizer(tokenizer_dir, llm_dir)
+    write_tiny_whisper(wh_dir, 50)
     return llm_dir, wh_dir
+
+
+def write_steerable_llm(path: Path, tokenizer_dir: Path, answers, width: int = 64, std: float = 0.1,
+                        emb_std: float = 0.1, head_std: float = 3.0, max_positions: int = 256) -> list[int]:
+    """A 2-layer random Llama (untied, width `width`, blocks drawn with std `std`, embeddings with `emb_std`) over
+    the tokenizer's 49,152-token vocabulary, saved with that tokenizer at `path`; only the tokens of the texts
+    `answers` and EOS get an output row (std `head_std`), the others' logits stay 0: a frozen random LLM that a
+    connector can steer to peaked answers (a random head over 49k tokens cannot). Seeds torch's generator with 0.
+    Returns the ids that got a row."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=False, max_position_embeddings=max_positions,
+                                      initializer_range=std))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    used = sorted({tok.eos_token_id, *(i for a in answers for i in tok.encode(a, add_special_tokens=False))})
+    with torch.no_grad():      # only the answers' tokens get an output row: the others' logits stay 0
+        hf.model.embed_tokens.weight.normal_(0.0, emb_std)
+        hf.lm_head.weight.zero_()
+        hf.lm_head.weight[used] = head_std * torch.randn(len(used), width)
+    hf.save_pretrained(path)
+    copy_tokenizer(tokenizer_dir, path)
+    return used
+
+
+class ScriptedBackbone:
+    """A generation backbone that answers from a script (no model runs): `answer(decoded prompt) -> text`; the
+    prompts come from a real `ResponseGenerator` (`inner`: its tokenizer and chat template, never its model)."""
+
+    def __init__(self, inner, answer, max_new_tokens: int = 8):
+        self.inner, self.answer, self.tokenizer, self.name = inner, answer, inner.tokenizer, "scripted"
+        self.sampling, self.max_prompt_tokens = inner.sampling, inner.max_prompt_tokens
+        self.max_new_tokens, self.tokens_generated = max_new_tokens, 0
+
+    def prompt_ids(self, messages, assistant_prefix: str = ""):
+        return self.inner.prompt_ids(messages, assistant_prefix)
+
+    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
+        from alm_jax.generation.engine import Response
+        return [Response(self.answer(self.tokenizer.decode(p)), 5, True) for p in prompts]
 
 
 def make_record(i: int) -> Record:
