@@ -142,19 +142,20 @@ def _cmd_eval(args) -> int:
         name = f"{args.ensemble}({' + '.join(args.checkpoints)})"
         ev.progress = progress_printer(f"{args.suite} {name}")
         record(name, "+".join(str(r.step) for r in runs), ev, AlarmEnsemble([r.model for r in runs]))
-    for directory in [] if args.ensemble else args.checkpoints:
-        run = load_run(directory, args.step, overrides=args.set or ())
-        cfg, model, step = run.cfg, run.model, run.step
-        if args.suite == "loss":
-            corpora = args.data or list(cfg.eval.corpus)
-            if not corpora:
-                raise ConfigError("no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
-            ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1,
-                                    listening_gap=cfg.eval.listening_gap)
-        else:
-            ev = EVALUATORS[args.suite].build(cfg, suite_for(cfg))
-            ev.progress = progress_printer(f"{args.suite} {directory}")
-        record(str(directory), step, ev, model)
+    else:
+        for directory in args.checkpoints:
+            run = load_run(directory, args.step, overrides=args.set or ())
+            cfg, model, step = run.cfg, run.model, run.step
+            if args.suite == "loss":
+                corpora = args.data or list(cfg.eval.corpus)
+                if not corpora:
+                    raise ConfigError("no evaluation data: give --data CORPUS_DIR (the run's eval.corpus is empty)")
+                ev = EVALUATORS["loss"](cfg, corpora, batches=args.batches, batch_size=args.batch_size or 1,
+                                        listening_gap=cfg.eval.listening_gap)
+            else:
+                ev = EVALUATORS[args.suite].build(cfg, suite_for(cfg))
+                ev.progress = progress_printer(f"{args.suite} {directory}")
+            record(str(directory), step, ev, model)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_setup import ScriptedBackbone
+
 from alm_jax.data.corpus import Corpus
 
 N, PER_SHARD = 12, 4
@@ -146,36 +148,16 @@ def test_rerun_with_other_settings_refuses_and_prints_how_to_continue(tiny_llm_d
     assert Corpus(out).manifest["settings"]["seed"] == 5 and len(Corpus(out)) == 6
 
 
-class _Scripted:
-    """A generator answering from a script (no model): plain answers, `<answer>` tags for ALARM's rewrite."""
-
-    def __init__(self, inner):
-        self.inner, self.tokenizer, self.name = inner, inner.tokenizer, "scripted"
-        self.max_prompt_tokens, self.max_new_tokens, self.tokens_generated = inner.max_prompt_tokens, 8, 0
-        self.sampling, self.calls = inner.sampling, []
-
-    def prompt_ids(self, messages):
-        return self.inner.prompt_ids(messages)
-
-    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
-        from alm_jax.generation.engine import Response
-        texts = [self.tokenizer.decode(p) for p in prompts]
-        self.calls.append((len(prompts), sampling.think_budget if sampling is not None else 0))
-        return [Response("<answer>You can hear a dog barking while rain falls softly.</answer>" if "<answer>" in t
-                         else "Yes. A dog barks while rain falls softly in the background.", 12, True) for t in texts]
+def _tagged_answer(prompt: str) -> str:
+    """Plain answers, and `<answer>` tags for ALARM's rewrite."""
+    return ("<answer>You can hear a dog barking while rain falls softly.</answer>" if "<answer>" in prompt
+            else "Yes. A dog barks while rain falls softly in the background.")
 
 
-class _NoTags(_Scripted):
+def _untagged_answer(prompt: str) -> str:
     """A small backbone that never opens `<answer>` itself but continues one it is given."""
-
-    def prompt_ids(self, messages, assistant_prefix=""):
-        return self.inner.prompt_ids(messages, assistant_prefix)
-
-    def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
-        from alm_jax.generation.engine import Response
-        texts = [self.tokenizer.decode(p).rstrip() for p in prompts]
-        return [Response("I hear a dog barking while rain falls softly.</answer>" if t.endswith("<answer>")
-                         else "A dog barks while rain falls softly in the background.", 12, True) for t in texts]
+    return ("I hear a dog barking while rain falls softly.</answer>" if prompt.rstrip().endswith("<answer>")
+            else "A dog barks while rain falls softly in the background.")
 
 
 def test_alarm_prefills_the_answer_tag_for_small_backbones(tiny_llm_dir, tmp_path):
@@ -184,7 +166,8 @@ def test_alarm_prefills_the_answer_tag_for_small_backbones(tiny_llm_dir, tmp_pat
     from alm_jax.recipes import build_recipe
     for prefill, out in ((False, tmp_path / "off"), (True, tmp_path / "on")):
         source = DemoSource(seed=4, n_clips=4, kinds=("events",), min_duration=0.5, max_duration=0.9)
-        gen = _NoTags(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048))
+        gen = ScriptedBackbone(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048),
+                               _untagged_answer)
         recipe = build_recipe("alarm", seed=1, min_response_tokens=0, prefill_answer=prefill)
         generate_corpus(out, source, recipe, gen, n_records=4, records_per_shard=4)
     assert generation_report(tmp_path / "off")["filtered"] == {"no_answer": 4}
@@ -202,7 +185,8 @@ def recipe_corpora(tiny_llm_dir, tmp_path_factory):
     out = {}
     for name in sorted(RECIPES):
         source = DemoSource(seed=4, n_clips=8, kinds=("events",), min_duration=0.5, max_duration=0.9)
-        gen = _Scripted(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048))
+        gen = ScriptedBackbone(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048),
+                               _tagged_answer)
         recipe = build_recipe(name, seed=1, **({"min_response_tokens": 0} if name == "alarm" else {}))
         generate_corpus(root / name, source, recipe, gen, n_records=8, records_per_shard=4)
         out[name] = (root / name, generation_report(root / name), gen.calls)

@@ -76,18 +76,20 @@ def write_steerable_llm(path: Path, tokenizer_dir: Path, answers, width: int = 6
 
 class ScriptedBackbone:
     """A generation backbone that answers from a script (no model runs): `answer(decoded prompt) -> text`; the
-    prompts come from a real `ResponseGenerator` (`inner`: its tokenizer and chat template, never its model)."""
+    prompts come from a real `ResponseGenerator` (`inner`: its tokenizer and chat template, never its model).
+    `calls` lists `(prompts, thinking budget)` per `generate` call."""
 
     def __init__(self, inner, answer, max_new_tokens: int = 8):
         self.inner, self.answer, self.tokenizer, self.name = inner, answer, inner.tokenizer, "scripted"
         self.sampling, self.max_prompt_tokens = inner.sampling, inner.max_prompt_tokens
-        self.max_new_tokens, self.tokens_generated = max_new_tokens, 0
+        self.max_new_tokens, self.tokens_generated, self.calls = max_new_tokens, 0, []
 
     def prompt_ids(self, messages, assistant_prefix: str = ""):
         return self.inner.prompt_ids(messages, assistant_prefix)
 
     def generate(self, prompts, row_ids=None, max_new=None, sampling=None):
         from alm_jax.generation.engine import Response
+        self.calls.append((len(prompts), sampling.think_budget if sampling is not None else 0))
         return [Response(self.answer(self.tokenizer.decode(p)), 5, True) for p in prompts]
 
 
