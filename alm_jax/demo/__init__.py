@@ -54,7 +54,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(desta=600, balsa=1200, balsa_ma=250, heldout=32, steps=150, eval_every=50, eval_clips=24,
+    "full": DemoSize(desta=600, balsa=1000, balsa_ma=250, heldout=32, steps=200, eval_every=50, eval_clips=24,
                      final_clips=100, forgetting=0, max_new_tokens=40),
     "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, steps=40, eval_every=20, eval_clips=6,
                       final_clips=12, forgetting=4),
