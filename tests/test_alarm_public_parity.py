@@ -28,7 +28,7 @@ from torch import nn
 
 from alm_jax.audio.features import encoder_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
-from alm_jax.models.connectors import CONNECTORS, EncoderInfo, connector_class, token_rule_for
+from alm_jax.models.connectors import CONNECTORS, EncoderInfo, MultiHeadAttention, connector_class, token_rule_for
 from alm_jax.testing.torch_alarm import load_alarm_state_dict, randomize_
 from third_party.alarm.audio import AudioAdapter, AudioFusion, AudioPostprocessing   # ALARM's own code (tests/)
 from third_party.alarm.llm_audio_wrapper import LLMAudioWrapperForCausalLM
@@ -306,14 +306,13 @@ def test_crossattention_fusion_and_fused_length():
         assert fused[0] == streams[2][0] > streams[0][0]   # the MLP stream's 7 frames, not Whisper's 7 // 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ALARM-CA, a clip whose main (Whisper) stream has 0 adapted tokens (under 480 samples, 30 ms): every key of "
-    "its self- and cross-attention is masked (both masks come from the main lengths), yet the clip keeps >= 1 "
-    "token (max over streams, clamp_min(1)). ALARM's nn.TransformerDecoderLayer (crossattention.py:66-73; torch "
-    "MHA -> scaled_dot_product_attention) gives such a row a zero attention output (out_proj bias only); ours "
-    "softmaxes -1e30 logits to a uniform average over the padded keys (alm_jax/models/connectors/common.py:85, "
-    "via fusion.py:98-99 PreNormDecoderLayer), so that clip's token differs"))
 def test_crossattention_clip_with_an_empty_main_stream():
+    """ALARM-CA, a clip whose main (Whisper) stream has 0 adapted tokens (under 480 samples, 30 ms): every key of
+    its self- and cross-attention is masked (both masks come from the main lengths), yet the clip keeps >= 1
+    token (max over streams, clamp_min(1)). ALARM's nn.TransformerDecoderLayer (crossattention.py:66-73; torch
+    MHA -> scaled_dot_product_attention) gives such a row a zero attention context (out_proj bias only), as our
+    decoder layers do (`MultiHeadAttention(fully_masked="zero")`, fusion.py PreNormDecoderLayer); the default
+    "uniform" (the Perceiver's) would average the padded keys and differ."""
     conn, rule, ref = ca_pair(seed=7)
     ref.model.train()
     samples = [samples_for(f) for f in (8, 5, 1)]
@@ -323,6 +322,14 @@ def test_crossattention_clip_with_an_empty_main_stream():
     assert len(want[2]) == rule(samples[2]) == 1 + 2
     diff = float(np.max(np.abs(got[2, :3] - want[2].numpy())))
     assert diff <= TOL, f"clip with 0 Whisper tokens: max |ours - ALARM| = {diff:.3g}"
+    MAX_DIFF["crossattention, 0 main tokens"] = diff
+    attns = [m for _, m in nnx.iter_graph(conn.fusion) if isinstance(m, MultiHeadAttention)]
+    assert len(attns) == 2 * 3 and {a.fully_masked for a in attns} == {"zero"}   # 3 decoder layers
+    for a in attns:                      # the Perceiver's rule instead: only that clip changes, away from ALARM
+        a.fully_masked = "uniform"
+    uniform = run(conn, ours, jnp.asarray(samples))
+    np.testing.assert_array_equal(uniform[:2], got[:2])
+    assert float(np.max(np.abs(uniform[2, :3] - want[2].numpy()))) > 100 * TOL
 
 
 @pytest.mark.parametrize("blocks,layers,cross,shared,train", [(3, 2, 1, True, True), (2, 1, 2, False, False)],

@@ -17,9 +17,9 @@ from transformers.models.bert.modeling_bert import BertEncoder
 from alm_jax.errors import ConfigError, WeightImportError
 from alm_jax.models.connectors import (
     AlarmAdapter, AlarmAdapterConfig, AudioBoundary, ClipCapMapper, ClipCapMapperConfig, CrossAttentionFusion,
-    CrossAttentionFusionConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig, Perceiver,
-    PerceiverConfig, PerceiverFusion, PerceiverFusionConfig, PreNormDecoderLayer, QFormerConfig, QFormerConnector,
-    QFormerStack, SumFusion, load_bert_qformer_weights)
+    CrossAttentionFusionConfig, IdentityAdapter, IdentityAdapterConfig, MLPAdapter, MLPAdapterConfig,
+    MultiHeadAttention, Perceiver, PerceiverConfig, PerceiverFusion, PerceiverFusionConfig, PreNormDecoderLayer,
+    QFormerConfig, QFormerConnector, QFormerStack, SumFusion, load_bert_qformer_weights)
 from alm_jax.sharding import LOGICAL_AXES
 from alm_jax.testing.torch_desta import DestaConnector, bert_qformer
 
@@ -320,9 +320,10 @@ def test_cross_attention_fusion_matches_torch_decoder_layers():
         for mine, theirs in zip(mine_stream, their_stream):
             _copy_decoder_layer(mine, theirs)
     rng = np.random.default_rng(7)
-    main = rng.normal(size=(2, 6, 20)).astype(np.float32)
-    conds = [rng.normal(size=(2, 9, 20)).astype(np.float32), rng.normal(size=(2, 4, 20)).astype(np.float32)]
-    main_len, cond_len = np.array([6, 4]), [np.array([9, 5]), np.array([2, 4])]
+    main = rng.normal(size=(3, 6, 20)).astype(np.float32)
+    conds = [rng.normal(size=(3, 9, 20)).astype(np.float32), rng.normal(size=(3, 4, 20)).astype(np.float32)]
+    # row 2: no valid main frame and no valid key anywhere (ALARM-CA's clip with 0 main-stream tokens)
+    main_len, cond_len = np.array([6, 4, 0]), [np.array([9, 5, 0]), np.array([2, 4, 0])]
     valid = lambda n, t: np.arange(t)[None, :] < n[:, None]  # noqa: E731
     x = in_proj[0](_t(main))
     for i, (c, stream) in enumerate(zip(conds, layers)):
@@ -335,7 +336,27 @@ def test_cross_attention_fusion_matches_torch_decoder_layers():
                [jnp.asarray(valid(n, c.shape[1])) for n, c in zip(cond_len, conds)])
     assert got.shape == main.shape  # CA keeps the main stream's length
     ok = valid(main_len, 6)
+    ok[2] = True                    # every row of the fully masked clip: torch's zero attention context
+    assert not np.isnan(want).any()
     assert _maxdiff(np.asarray(got)[ok], want[ok]) <= TOL
+
+
+@pytest.mark.parametrize("fully_masked", ["uniform", "zero"])
+def test_attention_row_with_every_key_masked(fully_masked):
+    """A batch row whose mask allows no key: "uniform" averages all values (padding included), "zero" gives a
+    zero context (the out projection's bias, torch MHA / SDPA); rows with a valid key are the same either way."""
+    attn = MultiHeadAttention(6, 5, 8, 2, fully_masked=fully_masked, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    q, kv = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32), jnp.asarray(rng.normal(size=(2, 4, 5)), jnp.float32)
+    mask = jnp.asarray([[True, True, False, False], [False] * 4])
+    got = np.asarray(attn(q, kv, mask))
+    ctx = attn.value(kv[1]).mean(0) if fully_masked == "uniform" else jnp.zeros(8)
+    assert _maxdiff(got[1], np.broadcast_to(np.asarray(attn.out(ctx)), (3, 6))) <= 1e-5
+    other = MultiHeadAttention(6, 5, 8, 2, fully_masked={"uniform": "zero", "zero": "uniform"}[fully_masked],
+                               rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(other(q, kv, mask))[0], got[0])
+    with pytest.raises(ConfigError, match="fully_masked='nan'"):
+        MultiHeadAttention(6, 5, 8, 2, fully_masked="nan", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("t_main,t_cond", [(1, 7), (25, 3)])

@@ -7,7 +7,7 @@ names, which are replicated by default). Kernels are stored `[in, out]` (conv: `
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,14 +56,26 @@ class MultiHeadAttention(nnx.Module):
     q_in `[batch, q_len, q_dim]`, kv_in `[batch, kv_len, kv_dim]`, mask `[batch, kv_len]` (True = attend)
     -> `[batch, q_len, out_dim]`. q/k/v project to `hidden = heads * head_dim`; logits and softmax are
     float32; `dropout` applies to the attention probabilities (as in BERT and torch MHA).
+
+    `fully_masked`: what a batch row whose mask marks no key at all gets, the references differing there.
+    "uniform" (default): the softmax of equal -1e30 logits, i.e. the plain average of all kv_len values, padded
+    ones included (BERT's additive mask, ALARM's Perceiver). "zero": a zero context, so the output is the out
+    projection's bias: torch `nn.MultiheadAttention` -> `F.scaled_dot_product_attention`, whose softmax gives a
+    row with no allowed key zero weights (ALARM-CA's `nn.TransformerDecoderLayer`; torch's eval-mode no-grad
+    self-attention fast path gives NaN there instead, which nothing here copies).
     """
 
     def __init__(self, q_dim: int, kv_dim: int, hidden: int, heads: int, *, out_dim: int | None = None,
                  qkv_bias: bool = True, out_bias: bool = True, dropout: float = 0.0,
+                 fully_masked: Literal["uniform", "zero"] = "uniform",
                  kernel_init: Initializer = default_kernel_init, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         if hidden % heads:
             raise ConfigError(f"attention width {hidden} is not divisible by {heads} heads")
+        if fully_masked not in ("uniform", "zero"):
+            raise ConfigError(f"MultiHeadAttention: fully_masked={fully_masked!r}; use 'uniform' (average of all "
+                              "values) or 'zero' (torch's zero context) for a row with every key masked")
+        self.fully_masked = fully_masked
         self.heads, self.head_dim = heads, hidden // heads
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
@@ -82,8 +94,12 @@ class MultiHeadAttention(nnx.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
         logits = logits * (self.head_dim ** -0.5)
         if mask is not None:
-            logits = jnp.where(mask[:, None, None, :].astype(bool), logits, NEG_INF)
-        probs = apply_dropout(self.dropout, jax.nn.softmax(logits, axis=-1)).astype(self.dtype)
+            mask = mask.astype(bool)
+            logits = jnp.where(mask[:, None, None, :], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if mask is not None and self.fully_masked == "zero":
+            probs = jnp.where(mask.any(-1)[:, None, None, None], probs, 0.0)
+        probs = apply_dropout(self.dropout, probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, self.heads * self.head_dim)
         return self.out(ctx)
 

@@ -80,14 +80,17 @@ class PreNormDecoderLayer(nnx.Module):
 
     x += drop(SelfAttn(LN1 x)); x += drop(CrossAttn(LN2 x, memory)); x += drop(W2 drop(gelu(W1 LN3 x))).
     x `[batch, T, d]`, memory `[batch, S, d]`, masks `[batch, T]` / `[batch, S]` (True = valid) -> `[batch, T, d]`.
+    A batch row whose mask marks no key (ALARM-CA: a clip with 0 main-stream tokens, both masks coming from the
+    main lengths) gets torch's zero attention context, its out projection's bias (`fully_masked="zero"`).
     """
 
     def __init__(self, d: int, heads: int, ffn: int, *, dropout: float = 0.1, eps: float = 1e-5,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(d, eps=eps, **kw) for _ in range(3))
-        self.self_attn = MultiHeadAttention(d, d, d, heads, dropout=dropout, rngs=rngs, **kw)
-        self.cross_attn = MultiHeadAttention(d, d, d, heads, dropout=dropout, rngs=rngs, **kw)
+        attn = dict(dropout=dropout, fully_masked="zero", rngs=rngs, **kw)   # torch MHA's all-masked row
+        self.self_attn = MultiHeadAttention(d, d, d, heads, **attn)
+        self.cross_attn = MultiHeadAttention(d, d, d, heads, **attn)
         self.linear1 = Linear(d, ffn, axes=("conn_embed", "conn_mlp"), use_bias=True, rngs=rngs, **kw)
         self.linear2 = Linear(ffn, d, axes=("conn_mlp", "conn_embed"), use_bias=True, rngs=rngs, **kw)
         self.dropout = make_dropout(dropout, rngs)
