@@ -37,6 +37,12 @@ class EncoderConfig:
                                           # each padded to it and encoded alone, states concatenated (ALARM: 30;
                                           # clips up to data.max_audio_seconds, 60 s = 2 windows); needs
                                           # pad_to_seconds null. None = one pass over the padded / trimmed clip
+    input_convention: Literal["native", "alarm"] = "native"   # how a clip becomes this encoder's input and how
+                                          # many of its frames are valid (alm_jax.audio.features.encoder_frames).
+                                          # native: the encoder's own extractor. alarm: ALARM's extractors
+                                          # (feature_extractor_implementations/): Whisper counts the HF
+                                          # attention mask, ceil(n / 160) // 2 frames; W2V-BERT zero-pads the
+                                          # clip by 160 samples on each side first. Kinds whisper, w2v_bert
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,3 +231,28 @@ def test_whisper_windows_encode_each_piece_alone():
     with pytest.raises(ConfigError, match="pad_to_seconds null"):
         AudioLanguageModel([enc], llm, ConnectorConfig(kind="alarm"),
                            [EncoderConfig(taps=(1,), tap_indexing="hf", window_seconds=30.0)], rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("win", [8000, 480_000], ids=["0.5s", "30s"])
+def test_alarm_convention_counts_windowed_whisper_frames_as_alarm(win):
+    """`input_convention: alarm` with `window_seconds`: ALARM sums its pieces' attention masks (ceil(piece / 160)
+    each) then halves; ceil(n / 160) // 2 is that count for any clip (the window a multiple of 160 samples), and
+    it never passes the concatenated windows' rows (window / 320 each). A model built so counts its tokens by it
+    (8800 samples = 55 * 160: ALARM 27 frames / 13 + 2 tokens, native 28 / 14 + 2)."""
+    n = np.concatenate([np.arange(1, 3 * win + 1, 997), np.arange(160, 3 * win + 1, 160)])
+    got = encoder_frames(n, "whisper", "alarm")
+    pieces = n // win * (win // 160) + -(-(n % win) // 160)
+    np.testing.assert_array_equal(got, pieces // 2)
+    assert (got <= -(-n // win) * (win // 320)).all()
+    if win != 8000:
+        return
+    from test_alm import tiny_encoder, tiny_llm
+
+    from alm_jax.models.alm import AudioLanguageModel
+    llm = nnx.eval_shape(tiny_llm)
+    kw = dict(kind="whisper", taps=(1, 2), tap_indexing="hf", pad_to_seconds=None, window_seconds=0.5)
+    for convention, tokens in (("alarm", 13 + 2), ("native", 14 + 2)):
+        model = AudioLanguageModel([tiny_encoder()], llm, ConnectorConfig(kind="alarm", adapter_dim=16),
+                                   [EncoderConfig(input_convention=convention, **kw)], rngs=nnx.Rngs(0))
+        assert model.num_audio_tokens(8800) == tokens, convention
+        np.testing.assert_array_equal(np.asarray(model.connector.adapted(jnp.array([8800, 12800]))), [tokens - 2, 20])

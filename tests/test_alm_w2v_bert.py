@@ -10,7 +10,7 @@ from test_alm import clips, overfit, tiny_encoder, tiny_llm
 from test_w2v_bert import save_tiny_w2v_bert
 
 import alm_jax
-from alm_jax.audio.fbank import fbank_frames, stacked_frames, w2v_bert_features
+from alm_jax.audio.fbank import ALARM_EDGE_PAD, fbank_frames, stacked_frames, w2v_bert_features
 from alm_jax.audio.features import encoder_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig, ModelConfig
 from alm_jax.errors import AudioError, ConfigError, WeightImportError
@@ -30,10 +30,11 @@ def tiny_w2v_bert(d=48, seed=2) -> W2VBertModel:
     return W2VBertModel(cfg, rngs=nnx.Rngs(seed))
 
 
-def fused_model(seed=0, connector=CA) -> AudioLanguageModel:
-    """Whisper (main stream) + W2V-BERT, ALARM taps on HF hidden_states, trimmed audio."""
-    ecfgs = [EncoderConfig(kind="whisper", taps=(1, 2), tap_indexing="hf", pad_to_seconds=None),
-             EncoderConfig(kind="w2v_bert", taps=(1, 2), tap_indexing="hf", pad_to_seconds=None)]
+def fused_model(seed=0, connector=CA, convention="native") -> AudioLanguageModel:
+    """Whisper (main stream) + W2V-BERT, ALARM taps on HF hidden_states, trimmed audio, both encoders under
+    input `convention`."""
+    kw = dict(taps=(1, 2), tap_indexing="hf", pad_to_seconds=None, input_convention=convention)
+    ecfgs = [EncoderConfig(kind="whisper", **kw), EncoderConfig(kind="w2v_bert", **kw)]
     return AudioLanguageModel([tiny_encoder(d=32, seed=1), tiny_w2v_bert()], tiny_llm(seed), connector, ecfgs,
                               rngs=nnx.Rngs(seed + 10))
 
@@ -53,9 +54,18 @@ def test_frame_rules():
     np.testing.assert_array_equal(encoder_frames(n, "w2v_bert"), [0, 0, 0, 24, 49, 49, 1499])
     np.testing.assert_array_equal(encoder_frames(n, "whisper"), [0, 1, 1, 25, 50, 51, 1500])
     np.testing.assert_array_equal(encoder_frames(n), encoder_frames(n, "whisper"))
+    np.testing.assert_array_equal(encoder_frames(n, "whisper", "native"), encoder_frames(n, "whisper"))
     assert encoder_frames(16000, "w2v_bert") == stacked_frames(16000) == 49
+    # ALARM's input convention: Whisper ceil(n / 160) // 2, W2V-BERT on the clip padded by 160 zeros each side
+    np.testing.assert_array_equal(encoder_frames(n, "whisper", "alarm"), [0, 1, 1, 25, 50, 50, 1500])
+    np.testing.assert_array_equal(encoder_frames(n, "w2v_bert", "alarm"), [0, 1, 1, 25, 50, 50, 1500])
+    np.testing.assert_array_equal(encoder_frames(n, "w2v_bert", "alarm"), stacked_frames(n + 2 * ALARM_EDGE_PAD))
     with pytest.raises(AudioError, match="frame rule"):
         encoder_frames(16000, "mystery")
+    with pytest.raises(AudioError, match="input convention 'ALARM'"):
+        encoder_frames(16000, "whisper", "ALARM")
+    with pytest.raises(AudioError, match="no 'alarm' input convention"):
+        encoder_frames(16000, "clap", "alarm")
 
 
 def test_load_encoder_by_model_type(tmp_path):
@@ -125,7 +135,7 @@ def test_kind_must_match_the_module():
 def test_alarm_ca_masks_each_stream_by_its_own_frames():
     model = fused_model()
     conn = model.connector
-    assert conn.frame_rules == ("whisper", "w2v_bert")
+    assert conn.frame_rules == (("whisper", "native"), ("w2v_bert", "native"))
     n = jnp.array([8000, 16000])
     np.testing.assert_array_equal(np.asarray(conn.adapted(n, 0)), [12, 25])   # 25 // 2, 50 // 2 (ALARM's T // 2)
     np.testing.assert_array_equal(np.asarray(conn.adapted(n, 1)), [12, 24])   # 24 // 2, 49 // 2
@@ -163,3 +173,38 @@ def test_the_trainer_runs_whisper_plus_w2v_bert_fusion(tiny, tmp_path):
     result = train(cfg)
     assert result.step == 3 and all(np.isfinite(v) for v in result.losses.values())
     assert result.flops_per_step > 0 and result.bad_samples.get("bad", {}) == {}
+
+
+def test_alarm_input_convention_pads_w2v_bert_and_counts_whisper_frames_as_alarm():
+    """`input_convention: alarm` (ALARM's configs): W2V-BERT's states come from the fbank of each clip padded by
+    160 zeros on each side (`w2v_bert_features(edge_pad=160)`), and every count follows ALARM's frames: Whisper
+    ceil(n / 160) // 2, W2V-BERT the native rule on n + 320 (adapter lengths, token rule, the connector's trim)."""
+    model, native = fused_model(convention="alarm"), fused_model()
+    conn = model.connector
+    assert conn.frame_rules == (("whisper", "alarm"), ("w2v_bert", "alarm"))
+    n = jnp.array([8160, 16000])   # 51 * 160: Whisper's odd grid case
+    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 0)), [12, 25])    # 51 // 2 // 2, 100 // 2 // 2
+    np.testing.assert_array_equal(np.asarray(native.connector.adapted(n, 0)), [13, 25])
+    np.testing.assert_array_equal(np.asarray(conn.adapted(n, 1)), [12, 25])    # 25 // 2, 50 // 2
+    np.testing.assert_array_equal(np.asarray(native.connector.adapted(n, 1)), [12, 24])
+    assert model.num_audio_tokens(8160) == 12 + 2 and native.num_audio_tokens(8160) == 13 + 2
+    assert model.num_audio_tokens(16000) == native.num_audio_tokens(16000) == 25 + 2   # Whisper's 25 > 24
+    waves = clips(2, seed=6, seconds=0.6)
+    samples = np.array([len(waves[0]), len(waves[1]) - 2500])
+    audio = np.stack(waves)
+    audio[1, samples[1]:] = 0.0
+    states = _states(model, jnp.asarray(audio), jnp.asarray(samples))
+    feats, mask = w2v_bert_features(audio, samples, edge_pad=ALARM_EDGE_PAD)
+    assert feats.shape[1] == -(-int(fbank_frames(audio.shape[1] + 320)) // 2)
+    np.testing.assert_array_equal(np.asarray(mask).sum(1), encoder_frames(samples, "w2v_bert", "alarm"))
+    want = nnx.jit(lambda e, f, m: e(f, m).hidden_states)(model.encoders[1], feats, mask)
+    for a, b in zip(states, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    tok = _audio_tokens(model, jnp.asarray(audio), jnp.asarray(samples))
+    for i, s in enumerate(samples):   # each clip's tokens end at the count (its end boundary), zeros after
+        k = model.num_audio_tokens(int(s))
+        np.testing.assert_array_equal(np.asarray(tok[i, k - 1]), np.asarray(model.connector.boundary.end[...]))
+        np.testing.assert_array_equal(np.asarray(tok[i, k:]), 0.0)
+    with pytest.raises(ConfigError, match=r"encoders\.0\.input_convention='ALARM'"):
+        AudioLanguageModel([tiny_encoder()], tiny_llm(), ConnectorConfig(kind="alarm", adapter_dim=16),
+                           [EncoderConfig(input_convention="ALARM")], rngs=nnx.Rngs(0))

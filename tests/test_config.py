@@ -74,3 +74,19 @@ def test_a_stored_config_from_before_scan_layers_rebuilds_unrolled_stacks():
     assert resume_config_changes(stored, to_dict(TrainConfig())) == {"model.scan_layers": (False, True)}
     with pytest.raises(ConfigError, match="model.remat"):
         load_config(None, ["model.remat=some"])
+
+
+def test_encoder_input_convention():
+    """`model.encoders.N.input_convention`: native (default) or alarm; anything else names the key and the
+    choices. A stored config from before the key reads native, so resuming an older ALARM run under today's
+    ALARM configs (alarm) names the change."""
+    from alm_jax.config import resume_config_changes
+    assert TrainConfig().model.encoders[0].input_convention == "native"
+    cfg = load_config(None, ["model.encoders.0.input_convention=alarm"])
+    assert cfg.model.encoders[0].input_convention == "alarm"
+    with pytest.raises(ConfigError, match=r"model\.encoders\[0\]\.input_convention: 'ALARM' is not allowed; "
+                                          r"choose one of \['native', 'alarm'\]"):
+        load_config(None, ["model.encoders.0.input_convention=ALARM"])
+    stored = to_dict(TrainConfig())
+    del stored["model"]["encoders"][0]["input_convention"]
+    assert resume_config_changes(stored, to_dict(cfg)) == {"model.encoders.0.input_convention": ("native", "alarm")}

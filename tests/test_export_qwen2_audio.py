@@ -109,6 +109,10 @@ def test_connector_refuses_other_encoder_setups():
     with pytest.raises(ConfigError, match="taps=\\[-1\\]"):
         AudioLanguageModel([tiny_encoder()], tiny_llm(), cc, [EncoderConfig(taps=(0,), pad_to_seconds=None)],
                            rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="input_convention='alarm'.*set it to native"):   # Qwen2-Audio's own frames
+        AudioLanguageModel([tiny_encoder()], tiny_llm(), cc, [EncoderConfig(taps=(-1,), pad_to_seconds=None,
+                                                                            input_convention="alarm")],
+                           rngs=nnx.Rngs(0))
 
 
 @pytest.mark.slow

@@ -188,3 +188,9 @@ def test_fbank_frame_counts_and_errors():
         w2v_bert_features(np.zeros(16000, np.float32))
     with pytest.raises(AudioError, match="samples"):
         w2v_bert_features_numpy(np.zeros((1, 300), np.float32))
+    # ALARM's edge padding: 160 zeros each side make a 300-sample buffer long enough (2 fbank frames, 1 stacked)
+    feats, mask = w2v_bert_features(np.ones((1, 300), np.float32), edge_pad=160)
+    assert feats.shape == (1, 1, 160) and np.asarray(mask).tolist() == [[True]]
+    for fn in (w2v_bert_features, w2v_bert_features_numpy):
+        with pytest.raises(AudioError, match="edge_pad=-1"):
+            fn(np.zeros((1, 16000), np.float32), edge_pad=-1)

@@ -7,6 +7,11 @@ normalization), floor 1.1920929e-07, natural log; then per mel bin zero mean / u
 frames (unbiased variance + 1e-7). Padding frames are 0; frames are padded to an even count and stacked in
 pairs -> `[frames / 2, 160]` at 50 Hz; a stacked frame is valid when its second half is a real frame.
 
+`edge_pad` (ALARM's input convention, `EncoderConfig.input_convention: alarm`: `ALARM_EDGE_PAD` = 160) zero-pads
+each clip by that many samples on both sides first, as ALARM's W2V-BERT feature extractor does
+(feature_extractor_implementations/w2vbert.py:26): the padding is part of the clip (normalization statistics,
+frames), so a clip of n samples has the frames of n + 2 * edge_pad.
+
 Two implementations of the same steps:
 - `w2v_bert_features` (JAX, float32, batched, static shapes, jit-able: the on-device path of the ALM). A float32
   FFT resolves about 120 dB below a frame's peak; bins quieter than that (the 7-8 kHz bands of pure synthetic
@@ -32,6 +37,7 @@ FFT_LENGTH = 512
 PREEMPHASIS = 0.97
 MEL_FLOOR = 1.192092955078125e-07
 STRIDE = 2
+ALARM_EDGE_PAD = 160   # samples of zeros ALARM puts on both sides of a clip before the extractor
 
 
 def fbank_frames(num_samples):
@@ -85,18 +91,33 @@ def log_fbank(audio: jax.Array, *, n_mels: int = 80, sample_rate: int = 16000) -
     return jnp.log(jnp.maximum(mel, MEL_FLOOR))
 
 
-def w2v_bert_features(audio, valid_samples=None, *, n_mels: int = 80,
-                      sample_rate: int = 16000) -> tuple[jax.Array, jax.Array]:
+def _edge_padded(audio, valid_samples, edge_pad: int, xp):
+    """Each clip of `audio` `[batch, samples]` (zero after its end) with `edge_pad` zeros on both sides, and
+    its valid samples (None: all): the buffer shifted right by `edge_pad`, `2 edge_pad` longer."""
+    if edge_pad < 0:
+        raise AudioError(f"edge_pad={edge_pad} must be >= 0 (samples of zeros on each side of a clip; ALARM: "
+                         f"{ALARM_EDGE_PAD})")
+    if edge_pad == 0:
+        return audio, valid_samples
+    if valid_samples is None:
+        valid_samples = xp.full((audio.shape[0],), audio.shape[1])
+    return xp.pad(audio, ((0, 0), (edge_pad, edge_pad))), xp.asarray(valid_samples) + 2 * edge_pad
+
+
+def w2v_bert_features(audio, valid_samples=None, *, n_mels: int = 80, sample_rate: int = 16000,
+                      edge_pad: int = 0) -> tuple[jax.Array, jax.Array]:
     """SeamlessM4TFeatureExtractor in JAX (see the module doc).
 
     audio `[batch, samples]` float (zero after each clip's end), valid_samples `[batch]` int (default: all
     samples) -> (input_features `[batch, ceil(F / 2), 2 n_mels]` float32, attention_mask `[batch, ceil(F / 2)]`
-    bool), F = fbank frames of `samples`. Row b equals the extractor's output for clip b alone, padded (zeros,
-    mask False) to the batch's length, as the extractor pads a batch to its longest clip."""
+    bool), F = fbank frames of `samples + 2 edge_pad`. Row b equals the extractor's output for clip b alone
+    (with `edge_pad` zeros on each side), padded (zeros, mask False) to the batch's length, as the extractor
+    pads a batch to its longest clip."""
     audio = jnp.asarray(audio, jnp.float32)
     if audio.ndim != 2:
         raise AudioError(f"w2v_bert_features expects audio [batch, samples], got shape {audio.shape}; "
                          "add a batch axis with audio[None] for one clip")
+    audio, valid_samples = _edge_padded(audio, valid_samples, edge_pad, jnp)
     if audio.shape[1] < FRAME_LENGTH:
         raise AudioError(f"audio of {audio.shape[1]} samples is too short for the fbank: need at least "
                          f"{FRAME_LENGTH} samples ({FRAME_LENGTH / sample_rate * 1000:.0f} ms at {sample_rate} Hz)")
@@ -118,14 +139,15 @@ def w2v_bert_features(audio, valid_samples=None, *, n_mels: int = 80,
     return feats.reshape(b, t, STRIDE * n_mels), mask
 
 
-def w2v_bert_features_numpy(audio, valid_samples=None, *, n_mels: int = 80,
-                            sample_rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+def w2v_bert_features_numpy(audio, valid_samples=None, *, n_mels: int = 80, sample_rate: int = 16000,
+                            edge_pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`w2v_bert_features` on the host in numpy float64 (the extractor's precision: its spectrum is rounded
     to complex64 and its log-mel to float32, as here). Same arguments and outputs, as numpy arrays."""
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 2:
         raise AudioError(f"w2v_bert_features_numpy expects audio [batch, samples], got shape {audio.shape}; "
                          "add a batch axis with audio[None] for one clip")
+    audio, valid_samples = _edge_padded(audio, valid_samples, edge_pad, np)
     if audio.shape[1] < FRAME_LENGTH:
         raise AudioError(f"audio of {audio.shape[1]} samples is too short for the fbank: need at least "
                          f"{FRAME_LENGTH} samples ({FRAME_LENGTH / sample_rate * 1000:.0f} ms at {sample_rate} Hz)")

@@ -63,22 +63,40 @@ def num_frames(samples: int, *, sample_rate: int = 16000, pad_to_seconds: float 
 
 
 FRAME_RULES = ("whisper", "w2v_bert", "clap")   # encoder kinds (EncoderConfig.kind) with a frame rule below
+INPUT_CONVENTIONS = ("native", "alarm")         # EncoderConfig.input_convention: how a clip becomes encoder input
 
 
-def encoder_frames(num_samples, kind: str = "whisper"):
-    """Valid encoder frames (50 Hz) for `num_samples` valid 16 kHz samples, by encoder kind; the one place these
-    rules are written (connectors count their audio tokens from them). Ints and integer numpy/JAX arrays alike.
+def encoder_frames(num_samples, kind: str = "whisper", convention: str = "native"):
+    """Valid encoder frames (50 Hz) for `num_samples` valid 16 kHz samples, by encoder kind and input convention
+    (`EncoderConfig.input_convention`); the one place these rules are written (connectors count their audio
+    tokens from them). Ints and integer numpy/JAX arrays alike.
 
-    whisper: stride-2 conv over log-mel frames, `ceil((samples // 160) / 2)`.
-    w2v_bert: stacked pairs of kaldi fbank frames, `(1 + (samples - 400) // 160) // 2` (0 below 400 samples);
-      one frame fewer than Whisper for most lengths (1 s: 49 vs 50).
-    clap: one state row per clip (its clip embedding), 0 for an empty clip."""
+    native (the encoder's own extractor, one clip):
+      whisper: stride-2 conv over log-mel frames, `ceil((samples // 160) / 2)`.
+      w2v_bert: stacked pairs of kaldi fbank frames, `(1 + (samples - 400) // 160) // 2` (0 below 400 samples);
+        one frame fewer than Whisper for most lengths (1 s: 49 vs 50).
+      clap: one state row per clip (its clip embedding), 0 for an empty clip.
+    alarm (Blinorot/ALARM's feature_extractor_implementations):
+      whisper: the HF extractor's attention mask counted, `ceil(samples / 160)`, then the encoder's `// 2`
+        (whisper.py:47, encoder_implementations/whisper.py:20; over 30 s the 30 s pieces' masks are summed,
+        the same count): one frame fewer than native when samples / 160 is an odd integer.
+      w2v_bert: the waveform zero-padded by 160 samples on each side first (w2vbert.py:26): the native rule
+        on samples + 320, `(1 + (samples - 80) // 160) // 2` (1 s: 50).
+      clap: no ALARM convention (an AudioError)."""
+    if convention not in INPUT_CONVENTIONS:
+        raise AudioError(f"no input convention {convention!r}; known: {INPUT_CONVENTIONS}")
+    alarm = convention == "alarm"
     if kind == "whisper":
+        if alarm:
+            return -(-num_samples // HOP_LENGTH) // 2
         return (num_samples // HOP_LENGTH + 1) // 2
     if kind == "w2v_bert":
-        from alm_jax.audio.fbank import stacked_frames
-        return stacked_frames(num_samples)
+        from alm_jax.audio.fbank import ALARM_EDGE_PAD, stacked_frames
+        return stacked_frames(num_samples + 2 * ALARM_EDGE_PAD if alarm else num_samples)
     if kind == "clap":
+        if alarm:
+            raise AudioError("encoder kind 'clap' has no 'alarm' input convention (ALARM has no CLAP encoder); "
+                             "use input_convention native")
         return (num_samples > 0) * 1
     raise AudioError(f"no encoder frame rule for encoder kind {kind!r}; known: {FRAME_RULES}")
 

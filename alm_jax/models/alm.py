@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alm_jax.audio.fbank import w2v_bert_features
-from alm_jax.audio.features import log_mel, num_frames, window_samples
+from alm_jax.audio.fbank import ALARM_EDGE_PAD, w2v_bert_features
+from alm_jax.audio.features import INPUT_CONVENTIONS, log_mel, num_frames, window_samples
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.errors import ConfigError
 from alm_jax.models.clap import ClapAudioTower
@@ -56,11 +56,11 @@ def encoder_info(encoder, cfg: EncoderConfig) -> EncoderInfo:
     entry, its clip embedding)."""
     if cfg.kind == "clap":
         return EncoderInfo(dim=encoder.d_model, taps=_resolve_taps(cfg.taps, 1, cfg.tap_indexing), n_entries=1,
-                           frames=cfg.kind)
+                           frames=cfg.kind, convention=cfg.input_convention)
     n_layers = encoder.config.encoder_layers
     n_entries = n_layers if cfg.tap_indexing == "blocks" else n_layers + 1
     return EncoderInfo(dim=encoder.config.d_model, taps=_resolve_taps(cfg.taps, n_entries, cfg.tap_indexing),
-                       n_entries=n_entries, frames=cfg.kind)
+                       n_entries=n_entries, frames=cfg.kind, convention=cfg.input_convention)
 
 
 class AudioLanguageModel(nnx.Module):
@@ -92,6 +92,11 @@ class AudioLanguageModel(nnx.Module):
             if c.window_seconds is not None and (c.kind != "whisper" or c.pad_to_seconds is not None):
                 raise ConfigError(f"model.encoders.{i}.window_seconds={c.window_seconds} windows a Whisper encoder's "
                                   "trimmed clip buffer; use it with kind whisper and pad_to_seconds null")
+            if c.input_convention not in INPUT_CONVENTIONS or (c.input_convention == "alarm"
+                                                               and c.kind not in ("whisper", "w2v_bert")):
+                raise ConfigError(f"model.encoders.{i}.input_convention={c.input_convention!r} with kind {c.kind!r}: "
+                                  "use native (the encoder's own extractor), or alarm (ALARM's Whisper / W2V-BERT "
+                                  "inputs) with kind whisper or w2v_bert")
         self.encoders = nnx.List(list(encoders))
         self.llm = llm
         self.encoder_cfgs = tuple(encoder_cfgs)
@@ -113,7 +118,9 @@ class AudioLanguageModel(nnx.Module):
         `[N, frames', d]`, under stop_gradient (frozen: no backward pass through it). `audio_samples` `[N]`:
         valid samples (default all S). Per kind (`ENCODER_STATES`): Whisper block outputs or HF hidden_states;
         W2V-BERT the same from its on-device fbank + attention mask, frames' = ceil(F / 2), F = 1 + (S - 400)
-        // 160; CLAP one entry, the clip embedding `[N, 1, projection_dim]`."""
+        // 160 (S + 320 under `input_convention: alarm`, the buffer zero-padded by 160 samples on each side);
+        CLAP one entry, the clip embedding `[N, 1, projection_dim]`. Valid rows: `encoder_frames(samples, kind,
+        input_convention)`."""
         cfg = self.encoder_cfgs[i]
         if audio is not None and audio_samples is None:
             audio_samples = jnp.full((audio.shape[0],), audio.shape[1], jnp.int32)
@@ -171,7 +178,8 @@ class AudioLanguageModel(nnx.Module):
 
     def _w2v_bert_states(self, i, audio, features, audio_samples):
         enc, cfg = self.encoders[i], self.encoder_cfgs[i]
-        feats, mask = w2v_bert_features(self._waveforms(i, audio), audio_samples)
+        pad = ALARM_EDGE_PAD if cfg.input_convention == "alarm" else 0   # ALARM: 160 zeros each side
+        feats, mask = w2v_bert_features(self._waveforms(i, audio), audio_samples, edge_pad=pad)
         out = enc(feats.astype(enc.dtype), mask)
         return out.block_outputs if cfg.tap_indexing == "blocks" else out.hidden_states
 

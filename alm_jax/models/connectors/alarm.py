@@ -10,12 +10,12 @@ start/end boundary tokens around each clip (Blinorot/ALARM `llm_audio_wrapper.py
               prefixed to the adapted encoder 0 -> boundary                          T0 + L*(E-1) + 2 + 2
 
 Ti = stream i's adapted length for the clip: its encoder's valid frames (`alm_jax.audio.features.encoder_frames`
-with that encoder's rule) // 2 for a conv adapter ("batch" / "layer"), unchanged for "mlp" / "identity" (ALARM's
-`calc_length`); the fused length is the maximum over the streams (`AudioFusion.calc_length`), at least 1
-(`get_audio_embeddings`). Each stream's adapter is `model.connector.adapters[i]` (published: Whisper batch,
-W2V-BERT / SSLAM layer, MuQ mlp; ALARM-P's conditional encoders identity). Adapters see ALARM's trimmed batch
-(`alarm_adapter` module docstring); streams are zero-padded to one length (`pad_outputs`). Outputs
-`[N, M, llm_dim]`; rows past a clip's count are zero padding.
+with that encoder's rule and input convention; ALARM's configs: `alarm`) // 2 for a conv adapter ("batch" /
+"layer"), unchanged for "mlp" / "identity" (ALARM's `calc_length`); the fused length is the maximum over the streams
+(`AudioFusion.calc_length`), at least 1 (`get_audio_embeddings`). Each stream's adapter is
+`model.connector.adapters[i]` (published: Whisper batch, W2V-BERT / SSLAM layer, MuQ mlp; ALARM-P's conditional
+encoders identity). Adapters see ALARM's trimmed batch (`alarm_adapter` module docstring); streams are zero-padded
+to one length (`pad_outputs`). Outputs `[N, M, llm_dim]`; rows past a clip's count are zero padding.
 """
 
 from __future__ import annotations
@@ -97,12 +97,12 @@ class _AlarmFamily(Connector):
             self.fusion = fusion()
         self.boundary = AudioBoundary(llm_dim, **kw)
         self.encoder_taps = tuple(e.taps for e in encoders[:n_read])
-        self.frame_rules = tuple(e.frames for e in encoders[:n_read])
+        self.frame_rules = tuple((e.frames, e.convention) for e in encoders[:n_read])   # (kind, convention)
 
     def adapted(self, audio_samples: jax.Array, i: int = 0) -> jax.Array:
         """Stream i's adapted length per clip `[N]`: its encoder's frames // 2 (conv) or frames (ALARM's
         `calc_length`)."""
-        return encoder_frames(audio_samples, self.frame_rules[i]) // ADAPTER_DOWNSAMPLE[self.adapter_kinds[i]]
+        return encoder_frames(audio_samples, *self.frame_rules[i]) // ADAPTER_DOWNSAMPLE[self.adapter_kinds[i]]
 
     def adapt(self, states, audio_samples: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
         """Every stream through its adapter on ALARM's trimmed batch -> (outputs `[N, T_i, dim_i]`, zero past the
@@ -110,7 +110,7 @@ class _AlarmFamily(Connector):
         clips = audio_samples > 0
         outs, lengths = [], []
         for i, (adapter, s) in enumerate(zip(self.adapters, states)):
-            frames = encoder_frames(audio_samples, self.frame_rules[i])
+            frames = encoder_frames(audio_samples, *self.frame_rules[i])
             outs.append(adapter(s, frames, clips))
             lengths.append(self.adapted(audio_samples, i))
         return outs, lengths

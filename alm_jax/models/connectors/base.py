@@ -39,13 +39,15 @@ class TokenRule:
     MLP / identity: 1; 0 = the stream does not set the length), the fused length is their maximum, plus
     `prefix` (fusion tokens before the stream: ALARM-P's latents and separators), at least 1; then + `extra`
     (the learned start/end boundary). The kinds are `stream_frames` (every encoder's kind; `token_rule_for`
-    sets them, and `frames`, encoder 0's kind)."""
+    sets them, and `frames`, encoder 0's kind), counted under `stream_conventions` (every encoder's
+    `input_convention`; missing entries: "native")."""
     fixed: int = 0
     extra: int = 0
     frames: str = "whisper"
     downsample: tuple[int, ...] = (2,)
     prefix: int = 0
     stream_frames: tuple[str, ...] = ()
+    stream_conventions: tuple[str, ...] = ()
 
     def __call__(self, num_samples):
         if self.fixed > 0:
@@ -58,7 +60,8 @@ class TokenRule:
             if i >= len(kinds):
                 raise ConfigError(f"TokenRule: stream {i} counts tokens but only {len(kinds)} encoder kinds are "
                                   "known; build the rule with token_rule_for(cls, cc, encoders)")
-            n = encoder_frames(num_samples, kinds[i]) // d
+            convention = self.stream_conventions[i] if i < len(self.stream_conventions) else "native"
+            n = encoder_frames(num_samples, kinds[i], convention) // d
             t = n if t is None else maximum(t, n)
         if t is None:
             raise ConfigError("TokenRule: no stream counts tokens (every downsample entry is 0)")
@@ -73,12 +76,14 @@ def maximum(a, b):
 @dataclasses.dataclass(frozen=True)
 class EncoderInfo:
     """What a connector needs to know of one frozen encoder: its width, the state entries its config taps
-    (resolved, non-negative), how many entries its state list has, and its kind's frame rule
-    (`alm_jax.audio.features.encoder_frames(samples, frames)`: valid state rows of a clip)."""
+    (resolved, non-negative), how many entries its state list has, and its kind's frame rule under its input
+    convention (`alm_jax.audio.features.encoder_frames(samples, frames, convention)`: valid state rows of a
+    clip)."""
     dim: int
     taps: tuple[int, ...]
     n_entries: int
     frames: str = "whisper"
+    convention: str = "native"
 
 
 class Connector(nnx.Module):
@@ -119,8 +124,10 @@ class Connector(nnx.Module):
 
 def token_rule_for(cls: type[Connector], cc: ConnectorConfig, encoders: Sequence[EncoderConfig]) -> TokenRule:
     """The token rule of connector class `cls` under `cc` for these encoders: the kind's rule, counting frames
-    with encoder 0's frame rule (its `kind`). The model and the input pipeline both build theirs here."""
+    with each encoder's frame rule (its `kind`) and `input_convention`. The model and the input pipeline both
+    build theirs here."""
     rule = cls.token_rule(cc, len(encoders))
     if rule.fixed > 0:
         return rule
-    return dataclasses.replace(rule, frames=encoders[0].kind, stream_frames=tuple(e.kind for e in encoders))
+    return dataclasses.replace(rule, frames=encoders[0].kind, stream_frames=tuple(e.kind for e in encoders),
+                               stream_conventions=tuple(e.input_convention for e in encoders))

@@ -361,7 +361,7 @@ class MatsConnector(Connector):
                  rngs: nnx.Rngs):
         enc: EncoderInfo = encoders[0]
         self.encoder_taps = ((enc.n_entries - 1,),)
-        self.frame_rule = enc.frames
+        self.frame_rule = (enc.frames, enc.convention)
         mcfg = ClipCapMapperConfig(clip_dim=enc.dim, d=cc.hidden or enc.dim, clip_length=cc.mapper_tokens,
                                    prefix_length=cc.mapper_tokens, layers=cc.num_layers,
                                    heads=cc.num_heads or MATS_HEADS, llm_dim=llm_dim)
@@ -380,7 +380,7 @@ class MatsConnector(Connector):
 
     def __call__(self, states, audio_samples: jax.Array) -> jax.Array:
         last = states[0][-1]
-        frames = encoder_frames(audio_samples, self.frame_rule)
+        frames = encoder_frames(audio_samples, *self.frame_rule)
         valid = (jnp.arange(last.shape[1])[None] < frames[:, None]).astype(jnp.float32)
         pooled = (last.astype(jnp.float32) * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
         if self.santa is not None:   # MATS inference: the retrieved entries are noise-injected (a fixed key)

@@ -68,6 +68,10 @@ class Qwen2AudioConnector(Connector):
             raise ConfigError(f"connector 'qwen2_audio' reads one Whisper encoder (Qwen2-Audio's audio tower), but "
                               f"the model has encoders {kinds}; configure exactly one encoder of kind whisper")
         enc = encoders[0]
+        if enc.convention != "native":
+            raise ConfigError(f"connector 'qwen2_audio' counts Qwen2-Audio's own extractor's frames; "
+                              f"model.encoders.0.input_convention={enc.convention!r} is another model's: set it "
+                              "to native")
         if enc.taps != (enc.n_entries - 1,):
             raise ConfigError(f"connector 'qwen2_audio' reads the last block of the encoder only; its taps resolve to "
                               f"{enc.taps} of {enc.n_entries} entries. Set model.encoders.0.taps=[-1] and "
