@@ -10,8 +10,11 @@ clip, `calc_length`, `clamp_min(1)`, crop, start / end embeddings) driven throug
 
 Compared (<= 1e-4): each clip's rows (boundary included) and its token count; BatchNorm running statistics after
 training-mode forwards, then eval mode; per-stream adapter lengths and the fused length against ALARM's
-`calc_length`s; the samples -> encoder-frames rules against ALARM's feature extractors (last three tests).
-Where ours departs from ALARM's code a strict xfail names the difference (file:line on both sides).
+`calc_length`s; a CA clip with 0 main-stream tokens (torch's zero attention context for a row with every key
+masked: our decoder layers' `fully_masked="zero"`); the samples -> encoder-frames rules and the W2V-BERT features
+against ALARM's feature extractors (last four tests). Frames are counted under ALARM's input convention
+(`EncoderConfig.input_convention: alarm`, as ALARM's configs set it: Whisper counts the HF attention mask,
+W2V-BERT's waveform is zero-padded by 160 samples on each side); those tests also pin the native rules.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from flax import nnx
 from torch import nn
 
+from alm_jax.audio.fbank import ALARM_EDGE_PAD, w2v_bert_features, w2v_bert_features_numpy
 from alm_jax.audio.features import encoder_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.models.connectors import CONNECTORS, EncoderInfo, MultiHeadAttention, connector_class, token_rule_for
@@ -39,6 +43,7 @@ FAST = {"xla_backend_optimization_level": 0}
 TAPS = {"whisper": (1, 3), "w2vbert": (0, 2, 3), "muq": (2,)}
 DIMS = {"whisper": 12, "w2vbert": 10, "muq": 6}
 KIND = {"whisper": "whisper", "w2vbert": "w2v_bert", "muq": "whisper"}   # our frame rule of each stream
+ALARM = "alarm"   # EncoderConfig.input_convention of ALARM's configs: its feature extractors' frame counts
 MAX_DIFF: dict[str, float] = {}   # test -> largest |ours - ALARM| seen (printed with -s)
 
 
@@ -133,8 +138,9 @@ class Alarm(LLMAudioWrapperForCausalLM):
 
 
 def build(cc: ConnectorConfig, names):
-    infos = [EncoderInfo(dim=DIMS[n], taps=TAPS[n], n_entries=4, frames=KIND[n]) for n in names]
-    rule = token_rule_for(connector_class(cc.kind), cc, [EncoderConfig(kind=KIND[n]) for n in names])
+    infos = [EncoderInfo(dim=DIMS[n], taps=TAPS[n], n_entries=4, frames=KIND[n], convention=ALARM) for n in names]
+    rule = token_rule_for(connector_class(cc.kind), cc,
+                          [EncoderConfig(kind=KIND[n], input_convention=ALARM) for n in names])
     # abstract parameters (no init compute): `load` must then give every one of them ALARM's value
     return nnx.eval_shape(lambda: CONNECTORS[cc.kind](cc, infos, LLM, rngs=nnx.Rngs(0))), rule
 
@@ -182,7 +188,7 @@ def bn_stats(conn):
 
 
 def samples_for(frames: int) -> int:
-    """Valid 16 kHz samples giving `frames` Whisper encoder frames (by our rule; not a multiple of 160)."""
+    """Valid 16 kHz samples giving `frames` Whisper encoder frames (either convention: not a multiple of 160)."""
     return 320 * frames - 100
 
 
@@ -195,7 +201,7 @@ def inputs(names, samples, buffer=16, seed=0):
         h = rng.normal(size=(4, len(samples), buffer, DIMS[n])).astype(np.float32)
         ours.append([jnp.asarray(x) for x in h])
         theirs[n] = torch.from_numpy(h)
-        lengths[n] = torch.from_numpy(np.asarray(encoder_frames(np.asarray(samples), KIND[n]), np.int64))
+        lengths[n] = torch.from_numpy(np.asarray(encoder_frames(np.asarray(samples), KIND[n], ALARM), np.int64))
     return ours, theirs, lengths
 
 
@@ -409,34 +415,78 @@ def alarm_w2v_bert_frames(lengths):
     return np.asarray(out)
 
 
-def test_whisper_frames_off_the_160_sample_grid_follow_alarm():
-    """Off multiples of 160 samples, Whisper encoder frames and tokens (T // 2, at least 1, + 2) = ALARM's."""
-    lengths = [n for n in LENGTHS if n % 160]
-    want = alarm_whisper_frames(lengths)
-    np.testing.assert_array_equal(np.asarray(encoder_frames(np.asarray(lengths), "whisper")), want)
+def alarm_whisper_rule():
     cc = ConnectorConfig(kind="alarm", adapter_dim=ADAPTER, adapters=("batch",))
-    rule = token_rule_for(connector_class(cc.kind), cc, [EncoderConfig(kind="whisper")])
-    np.testing.assert_array_equal([rule(n) for n in lengths], np.maximum(want // 2, 1) + 2)
+    return token_rule_for(connector_class(cc.kind), cc, [EncoderConfig(kind="whisper", input_convention=ALARM)])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Whisper frames at multiples of 160 samples: ours (n // 160 + 1) // 2 (alm_jax/audio/features.py:77) "
-    "counts the STFT frame centred on sample n; ALARM counts the HF attention mask, ceil(n / 160), then // 2 "
-    "(feature_extractor_implementations/whisper.py:47 `audio_attention.sum()`, encoder_implementations/whisper.py:20): "
-    "one frame fewer when n / 160 is odd (1120 samples: ours 4 frames / 2 tokens, ALARM 3 / 1)"))
-def test_whisper_frames_on_the_160_sample_grid_follow_alarm():
-    lengths = [n for n in LENGTHS if n % 160 == 0]
+def test_whisper_frames_off_the_160_sample_grid_follow_alarm():
+    """Off multiples of 160 samples, Whisper encoder frames and tokens (T // 2, at least 1, + 2) = ALARM's, under
+    either input convention (ceil(n / 160) = n // 160 + 1 there)."""
+    lengths = np.asarray([n for n in LENGTHS if n % 160])
     want = alarm_whisper_frames(lengths)
-    np.testing.assert_array_equal(np.asarray(encoder_frames(np.asarray(lengths), "whisper")), want)
+    np.testing.assert_array_equal(np.asarray(encoder_frames(lengths, "whisper", ALARM)), want)
+    np.testing.assert_array_equal(np.asarray(encoder_frames(lengths, "whisper")), want)
+    np.testing.assert_array_equal([alarm_whisper_rule()(int(n)) for n in lengths], np.maximum(want // 2, 1) + 2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "W2V-BERT: ALARM zero-pads the waveform by 160 samples on each side before the feature extractor "
-    "(feature_extractor_implementations/w2vbert.py:26 `nn.functional.pad(audio, (160, 160))`), so its features "
-    "start one fbank hop earlier and it has (1 + (n - 80) // 160) // 2 frames; ours has no such padding "
-    "(alm_jax/audio/fbank.py:42-44 stacked_frames, w2v_bert_features): 1 s gives 50 frames there, 49 here"))
+def test_whisper_frames_on_the_160_sample_grid_follow_alarm():
+    """On multiples of 160 samples (over 30 s too: ALARM's 30 s pieces), `input_convention: alarm` counts ALARM's
+    frames, the HF attention mask ceil(n / 160) then // 2 (feature_extractor_implementations/whisper.py:47
+    `audio_attention.sum()`, encoder_implementations/whisper.py:20); the native rule (n // 160 + 1) // 2 stays,
+    one frame more where n / 160 is odd (1120 samples: native 4 frames / 2 tokens, ALARM 3 / 1)."""
+    lengths = np.asarray([n for n in LENGTHS if n % 160 == 0])
+    want = alarm_whisper_frames(lengths)
+    np.testing.assert_array_equal(np.asarray(encoder_frames(lengths, "whisper", ALARM)), want)
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(encoder_frames(jnp.asarray(lengths), "whisper", ALARM))),
+                                  want)
+    np.testing.assert_array_equal([alarm_whisper_rule()(int(n)) for n in lengths], np.maximum(want // 2, 1) + 2)
+    native = np.asarray(encoder_frames(lengths, "whisper"))
+    np.testing.assert_array_equal(native, (lengths // 160 + 1) // 2)
+    np.testing.assert_array_equal(native - want, (lengths // 160) % 2)
+    assert (lengths // 160 % 2).any() and not (lengths // 160 % 2).all()   # both cases are covered
+
+
 def test_w2v_bert_frames_follow_alarm():
-    want = alarm_w2v_bert_frames(LENGTHS)
-    # the whole difference is ALARM's padding: our rule on the 320-sample longer waveform gives its counts
-    np.testing.assert_array_equal(np.asarray(encoder_frames(np.asarray(LENGTHS) + 320, "w2v_bert")), want)
-    np.testing.assert_array_equal(np.asarray(encoder_frames(np.asarray(LENGTHS), "w2v_bert")), want)
+    """`input_convention: alarm` counts ALARM's W2V-BERT frames: the waveform zero-padded by 160 samples on each
+    side before the feature extractor (feature_extractor_implementations/w2vbert.py:26), (1 + (n - 80) // 160)
+    // 2; the native rule stays the extractor's on the clip alone, (1 + (n - 400) // 160) // 2 (1 s: 49, ALARM 50)."""
+    lengths = np.asarray(LENGTHS)
+    want = alarm_w2v_bert_frames(lengths)
+    np.testing.assert_array_equal(np.asarray(encoder_frames(lengths, "w2v_bert", ALARM)), want)
+    # the whole difference is ALARM's padding: the native rule on the 320-sample longer waveform gives its counts
+    np.testing.assert_array_equal(np.asarray(encoder_frames(lengths + 320, "w2v_bert")), want)
+    native = np.asarray(encoder_frames(lengths, "w2v_bert"))
+    np.testing.assert_array_equal(native, (lengths >= 400) * (1 + (lengths - 400) // 160) // 2)
+    assert native[LENGTHS.index(16000)] == 49 and want[LENGTHS.index(16000)] == 50
+    cc = ConnectorConfig(kind="alarm", adapter_dim=ADAPTER, adapters=("layer",))
+    rule = token_rule_for(connector_class(cc.kind), cc, [EncoderConfig(kind="w2v_bert", input_convention=ALARM)])
+    np.testing.assert_array_equal([rule(int(n)) for n in lengths], np.maximum(want // 2, 1) + 2)
+
+
+def test_w2v_bert_features_follow_alarm():
+    """The features themselves: ALARM's path (zero-pad 160 samples each side, the HF SeamlessM4TFeatureExtractor,
+    one clip at a time) against ours on a padded batch, `w2v_bert_features(..., edge_pad=ALARM_EDGE_PAD)` (the
+    on-device path `input_convention: alarm` takes) and its float64 host twin: values, masks, lengths."""
+    from transformers import SeamlessM4TFeatureExtractor
+    fe = SeamlessM4TFeatureExtractor()
+    lengths = [3200, 12345, 16000]
+    rng = np.random.default_rng(12)
+    audio = np.zeros((len(lengths), max(lengths)), np.float32)
+    for i, n in enumerate(lengths):
+        audio[i, :n] = 0.1 * rng.normal(size=n)
+    got = w2v_bert_features(jnp.asarray(audio), jnp.asarray(lengths), edge_pad=ALARM_EDGE_PAD)
+    host = w2v_bert_features_numpy(audio, np.asarray(lengths), edge_pad=ALARM_EDGE_PAD)
+    for i, n in enumerate(lengths):
+        clip = torch.nn.functional.pad(torch.from_numpy(audio[i:i + 1, :n]), (160, 160))
+        out = fe([clip[0].numpy()], sampling_rate=16000, return_attention_mask=True, return_tensors="np")
+        feats, mask = out["input_features"][0], out["attention_mask"][0].astype(bool)
+        t = int(mask.sum())             # valid rows; an odd fbank frame count adds a half-filled row
+        assert t == int(encoder_frames(n, "w2v_bert", ALARM)) and len(feats) in (t, t + 1)
+        for key, (f, m) in (("w2v-bert features (jax)", got), ("w2v-bert features (host)", host)):
+            f, m = np.asarray(f)[i], np.asarray(m)[i]
+            np.testing.assert_array_equal(m, np.arange(len(m)) < t)
+            diff = float(np.max(np.abs(f[:len(feats)] - feats)))
+            assert diff <= TOL, (key, n, diff)
+            assert not f[len(feats):].any()
+            MAX_DIFF[key] = max(MAX_DIFF.get(key, 0.0), diff)
