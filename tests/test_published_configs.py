@@ -36,12 +36,16 @@ _ALARM_OPTIM = [   # §3 Training [V]: HF Trainer adamw_torch, main.yaml, train_
     ("model.connector.adapter_dim", 1024, "§3 adapter: Linear(enc_dim -> 1024)"),
     ("model.connector.adapters.0", "batch", "§3 Encoders table: Whisper DownsamplerConformer, BatchNorm"),
     ("model.encoders.0.window_seconds", 30.0, "§3 Encoders table: Whisper padding trimmed after the 30 s window"),
+    ("model.encoders.0.input_convention", "alarm",
+     "§3 Architecture [V] src/model/audio/feature_extractor_implementations/whisper.py: the HF attention mask"),
     ("data.max_audio_seconds", 60.0, "§3 Data: audio over 60 s is dropped (two Whisper windows)"),
 ]
 _ALARM_W2V = [
     ("model.encoders.1.path", "w2v-bert-2.0", "§3 Encoders table: W2V-BERT 2.0 facebook/w2v-bert-2.0"),
     ("model.encoders.1.taps", [6, 10, 15, 20, 24], "§3 Encoders table: W2V-BERT layers [6, 10, 15, 20, 24]"),
     ("model.encoders.1.kind", "w2v_bert", "§3 Encoders table: W2V-BERT 2.0"),
+    ("model.encoders.1.input_convention", "alarm",
+     "§3 Architecture [V] src/model/audio/feature_extractor_implementations/w2vbert.py: 160 zeros each side"),
 ]
 _STAGED = [
     ("model.frozen_mode", "train", "§3 ALARM-CA: adapters loaded frozen (gradients off; HF Trainer train mode)"),
@@ -180,8 +184,9 @@ def test_every_published_model_has_a_config():
 def tiny_twin(name: str, models: dict, run_dir: Path, runs: dict[str, str] | None = None, steps: int = 3):
     """The published config `name` at tiny size: the tiny LLM / encoders of `models` (one per encoder kind),
     the tiny corpus, every width, count and length shrunk; the method's switches (connector kind and adapters,
-    dropout, transcript tokens, LoRA with its dropout, freeze, frozen mode, clip slots, optimizer betas and
-    decay) kept. `runs`: published `init_from` run -> a tiny run directory (entries without one are dropped)."""
+    dropout, transcript tokens, LoRA with its dropout, freeze, frozen mode, clip slots, encoders' input
+    conventions, optimizer betas and decay) kept. `runs`: published `init_from` run -> a tiny run directory
+    (entries without one are dropped)."""
     d = to_dict(load_config(CONFIGS / f"{name}.yaml"))
     m, c, lora, data = d["model"], d["model"]["connector"], d["model"]["lora"], d["data"]
     m["llm"], m["dtype"] = models["llm"], "float32"
@@ -264,6 +269,7 @@ def test_tiny_twin_keeps_the_method_and_shrinks_the_sizes(twin_models, tmp_path)
     assert (twin.optim.b2, twin.optim.weight_decay) == (pub.optim.b2, pub.optim.weight_decay)
     assert twin.model.connector.adapter_dim == 16 and twin.data.batch_size == 4
     assert [e.kind for e in twin.model.encoders] == ["whisper", "w2v_bert"]
+    assert [e.input_convention for e in twin.model.encoders] == ["alarm", "alarm"]   # ALARM's input rules kept
 
 
 def _train_twin(name: str, models: dict, run_dir: Path, runs: dict | None = None) -> dict:
