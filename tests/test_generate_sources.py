@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from test_generate_command import _Scripted
+from test_generate_command import _tagged_answer
 from test_sources import _build_tfds, _mapping
+from tiny_setup import ScriptedBackbone
 
 from alm_jax.data.corpus import Corpus
 
@@ -48,7 +49,8 @@ def test_jsonl_and_tfds_sources_feed_the_engine(tiny_llm_dir, tmp_path):
     tfds_src = RandomAccessWaveforms(TfdsDirSource(_build_tfds(tmp_path / "tfds"), "train", _mapping(sample_rate=SR)))
     assert len(tfds_src) == 4 and tfds_src[0][1].ndim == 1
     for name, source in (("jsonl", jsonl), ("tfds", tfds_src)):
-        gen = _Scripted(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048))
+        gen = ScriptedBackbone(ResponseGenerator(tiny_llm_dir, batch_size=4, max_new_tokens=8, max_prompt_tokens=2048),
+                               _tagged_answer)
         generate_corpus(tmp_path / name, source, build_recipe("desta", seed=1), gen, n_records=len(source),
                         records_per_shard=2)
         _records_match_source(tmp_path / name, source)
