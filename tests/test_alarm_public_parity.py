@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,6 +33,7 @@ from alm_jax.audio.features import encoder_frames
 from alm_jax.config import ConnectorConfig, EncoderConfig
 from alm_jax.models.connectors import CONNECTORS, EncoderInfo, MultiHeadAttention, connector_class, token_rule_for
 from alm_jax.testing.torch_alarm import load_alarm_state_dict, randomize_
+from test_alarm_fidelity import run   # jitted forward, BatchNorm statistics written back
 from third_party.alarm.audio import AudioAdapter, AudioFusion, AudioPostprocessing   # ALARM's own code (tests/)
 from third_party.alarm.llm_audio_wrapper import LLMAudioWrapperForCausalLM
 
@@ -161,22 +161,6 @@ def load(conn, ref: Alarm, names):
     load_alarm_state_dict(conn, {k: Tracked(k, v) for k, v in sd.items()}, names)
     unread = {k for k in sd if not k.endswith("num_batches_tracked") and k != "embed_tokens.weight"} - seen
     assert not unread, f"ALARM tensors our connector does not read: {sorted(unread)}"
-
-
-_JITTED: dict = {}
-
-
-def run(model, states, samples):
-    """model(states, samples) under jit (one compile per graph and shapes); BatchNorm statistics written back."""
-    graphdef, state = nnx.split(model)
-    if graphdef not in _JITTED:
-        def fwd(state, states, samples):
-            m = nnx.merge(graphdef, state)
-            return m(states, samples), nnx.state(m)
-        _JITTED[graphdef] = jax.jit(fwd, compiler_options=FAST)
-    out, state = _JITTED[graphdef](state, states, samples)
-    nnx.update(model, state)
-    return np.asarray(out)
 
 
 def bn_stats(conn):
