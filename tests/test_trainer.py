@@ -56,7 +56,11 @@ def _same_tree(a, b) -> bool:
 # Per-step losses and held-out losses of the tiny run below, recorded at commit 59a2b91 (before the
 # architecture refactor of issue 9) and re-recorded once when the loss began applying the vocabulary head
 # block by block (training/loss.py: same step-1 loss, a different summation order moves later steps by
-# <= 4e-6). Restructuring must not change a bit of them.
+# <= 4e-6). Restructuring must not change a bit of them. One exception: the step-1 loss alone came out one
+# float32 ulp higher (10.831927299) at the same commit on two machines with the same package versions, while
+# every later step, the held-out losses and the trained weights stayed bit-equal (Adam's first step is
+# ~lr * sign(g), so an ulp in step 1 does not reach the weights) - an environment effect, not a code change,
+# so step 1 is held to one ulp.
 PINNED_LOSSES = {1: 10.831926345825195, 2: 10.811976432800293, 3: 10.809624671936035, 4: 10.813765525817871,
                  5: 10.7832670211792, 6: 10.78459644317627, 7: 10.81929874420166, 8: 10.795958518981934,
                  9: 10.809197425842285, 10: 10.794624328613281}
@@ -66,7 +70,8 @@ PINNED_EVAL_LOSSES = {5: 10.802870614188057, 10: 10.80145972115653}
 @pytest.mark.slow
 def test_losses_are_pinned_bit_for_bit(tiny, tmp_path):
     r = run(tiny, tmp_path / "pinned", "none", "steps=10", "optim.total_steps=10", *_evals(tiny))
-    assert r["losses"] == PINNED_LOSSES
+    assert {k: v for k, v in r["losses"].items() if k != 1} == {k: v for k, v in PINNED_LOSSES.items() if k != 1}
+    assert abs(np.float32(r["losses"][1]) - np.float32(PINNED_LOSSES[1])) <= np.spacing(np.float32(PINNED_LOSSES[1]))
     assert r["eval_losses"] == PINNED_EVAL_LOSSES
     # the trained weights come back for inference without an optimizer: equal to the checkpoint's, and the
     # held-out evaluator on them gives the step-10 eval the trainer logged
