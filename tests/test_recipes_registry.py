@@ -108,3 +108,15 @@ def test_build_recipe_converts_and_checks_options():
         build_recipe("desta", seed="-1")
     for name, cls in RECIPES.items():                                      # (seed, **options) constructors
         assert cls(0, **recipe_options(name)).seed == 0
+
+
+def test_list_options_take_a_yaml_list_or_a_file_of_lines(tmp_path):
+    assert build_recipe("desta", instructions='["What sounds?", "Name it, briefly."]').instructions == (
+        "What sounds?", "Name it, briefly.")
+    path = tmp_path / "instructions.txt"
+    path.write_text("# a comment\nWhat do you hear?\n\n  Which sound is loudest?  \n")
+    assert build_recipe("desta", instructions=str(path)).instructions == ("What do you hear?", "Which sound is loudest?")
+    for bad, match in (("What do you hear?", "YAML list .* or the path"), ("[]", "at least one"),
+                       ("[1, 2]", "at least one non-empty string"), ("[a, b", "not a YAML list")):
+        with pytest.raises(ConfigError, match=match):
+            build_recipe("desta", instructions=bad)

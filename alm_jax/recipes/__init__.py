@@ -45,6 +45,7 @@ speech; present only when a clip has speech): the text DeSTA appends as tokens a
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from alm_jax.errors import ConfigError
@@ -76,7 +77,8 @@ def recipe_options(name: str) -> dict[str, Any]:
 
 def build_recipe(name: str, seed: int | str = 0, **options: Any) -> Recipe:
     """`RECIPES[name](seed, **options)`; string values (from `key=value` on a command line) are converted
-    to the type of the option's default (int, float, bool as true/false/1/0/yes/no, str).
+    to the type of the option's default (int, float, bool as true/false/1/0/yes/no, str; a list option takes a
+    YAML list or the path of a file with one entry a line).
 
     Raises ConfigError for an unknown recipe or option, or a value of the wrong type.
     """
@@ -90,6 +92,26 @@ def build_recipe(name: str, seed: int | str = 0, **options: Any) -> Recipe:
     return cls(_convert(name, "seed", seed, 0), **converted)
 
 
+def _text_list(recipe: str, key: str, text: str) -> tuple[str, ...]:
+    """A list option given as text: a YAML list (`[a, "b?"]`) or the path of a file with one entry a line
+    (blank lines and lines starting with '#' skipped, like `prompts/desta_instructions.txt`)."""
+    if text.startswith("["):
+        import yaml
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {recipe!r}: option {key}={text!r} is not a YAML list ({e})") from None
+    elif Path(text).is_file():
+        items = [line.strip() for line in Path(text).read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        raise ConfigError(f"recipe {recipe!r}: option {key}={text!r} must be a YAML list like [a, b] or the path "
+                          "of a text file with one entry a line")
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise ConfigError(f"recipe {recipe!r}: option {key} must list at least one non-empty string, got {items!r}")
+    return tuple(items)
+
+
 def _recipe_class(name: str) -> type[Recipe]:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
@@ -100,6 +122,8 @@ def _convert(recipe: str, key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str) or isinstance(default, str):
         return value
     text = value.strip()
+    if isinstance(default, (tuple, list)):
+        return _text_list(recipe, key, text)
     try:
         if isinstance(default, bool):
             if text.lower() in _TRUE | _FALSE:
