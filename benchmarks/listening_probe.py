@@ -27,7 +27,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_yes_no_corpus(out: Path, n: int, seed: int) -> None:
+CAPTION_QUESTIONS = ("What can you hear in this audio?", "Describe the sounds in this clip.",
+                     "Which sounds does this recording contain?", "What is happening in this audio?")
+
+
+def write_yes_no_corpus(out: Path, n: int, seed: int, target: str = "yes_no") -> None:
+    """`n` clips of DemoSource(seed), one answer each from the metadata: `yes_no` (one present/absent question,
+    "Yes." / "No.") or `caption` (a sound question, answered with the clip's templated caption)."""
     from alm_jax.data.corpus import write_corpus
     from alm_jax.data.records import AudioClip, Record
     from alm_jax.data.sources.demo import DemoSource
@@ -40,6 +46,11 @@ def write_yes_no_corpus(out: Path, n: int, seed: int) -> None:
 
     def record(i: int) -> Record | None:
         meta, wave = source[i]
+        if target == "caption":
+            messages = chat(TRAINING_SYSTEM_PROMPT, f"{training_audio(1)}\n{CAPTION_QUESTIONS[i % 4]}")
+            messages.append({"role": "assistant", "content": meta.caption})
+            return Record(clips=[AudioClip.from_wave(wave, source.sample_rate, meta=meta)], messages=messages,
+                          recipe="metadata_caption")
         questions = questions_for(meta, i, seed, rules)
         if questions is None:
             return None
@@ -86,6 +97,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=11, help="the training clips' source seed (the eval uses 1)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-clips", type=int, default=60)
+    p.add_argument("--target", choices=("yes_no", "caption"), default="yes_no",
+                   help="what the training answers are, from the metadata (see write_yes_no_corpus)")
+    p.add_argument("--alignment", action="store_true", help="also run the alignment suite on --eval-clips clips")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=3e-4")
     args = p.parse_args()
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
@@ -93,7 +107,7 @@ def main() -> int:
     corpus, ckpt = out / "corpus", out / "checkpoints"
     t0 = time.time()
     if not (corpus / "manifest.json").exists():
-        write_yes_no_corpus(corpus, args.clips, args.seed)
+        write_yes_no_corpus(corpus, args.clips, args.seed, args.target)
     subprocess.run(alm + ["train", str(ROOT / "configs" / "demo.yaml"), f"data.corpus=[{corpus}]", "data.weights=[1]",
                           "data.max_text_tokens=88", f"steps={args.steps}", f"optim.total_steps={args.steps}",
                           f"checkpoint.dir={ckpt}", f"logging.dir={out / 'train'}", f"checkpoint.every={args.steps}",
@@ -102,6 +116,12 @@ def main() -> int:
     subprocess.run(alm + ["eval", str(ckpt), "--suite", "hallucination", "--out", str(out / "eval"), "--batch-size",
                           "16", "--max-new-tokens", "4", "--set",
                           f"eval.suites=[{{name: hallucination, clips: {args.eval_clips}}}]"], check=True)
+    if args.alignment:
+        subprocess.run(alm + ["eval", str(ckpt), "--suite", "alignment", "--out", str(out / "eval"), "--batch-size",
+                              "16", "--max-new-tokens", "16", "--set",
+                              f"eval.suites=[{{name: alignment, clips: {args.eval_clips}}}]"], check=True)
+        aligned = next(iter(json.loads((out / "eval" / "alignment.json").read_text()).values()))
+        print("alignment:", json.dumps({k.rsplit("/", 1)[-1]: v for k, v in aligned.items()}))
     row = next(iter(json.loads((out / "eval" / "hallucination.json").read_text()).values()))
     speech, events = present_right(out / "eval" / "hallucination-details")
     norm, text_norm, spread = token_spread(ckpt)
