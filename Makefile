@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 DEMO_SIZE ?= full
+# Two pytest workers, one test file each at a time (module fixtures stay in one process): on 2 cores the suite
+# took 873 s instead of 1,863 s serially (XLA compiles on one thread). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 demo: $(STAMP)
 	$(VENV)/bin/alm demo --size $(DEMO_SIZE)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
