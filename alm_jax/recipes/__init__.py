@@ -56,6 +56,7 @@ from alm_jax.recipes.base import GenerationItem, Recipe, StagePrompt, Target
 from alm_jax.recipes.desta import DestaRecipe
 from alm_jax.recipes.mallm import MallmRecipe
 from alm_jax.recipes.mats import MatsRecipe
+from alm_jax.recipes.pools import prompt_lines
 
 RECIPES: dict[str, type[Recipe]] = {
     "desta": DestaRecipe,
@@ -102,8 +103,7 @@ def _text_list(recipe: str, key: str, text: str) -> tuple[str, ...]:
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {recipe!r}: option {key}={text!r} is not a YAML list ({e})") from None
     elif Path(text).is_file():
-        items = [line.strip() for line in Path(text).read_text(encoding="utf-8").splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
+        items = list(prompt_lines(Path(text).read_text(encoding="utf-8")))
     else:
         raise ConfigError(f"recipe {recipe!r}: option {key}={text!r} must be a YAML list like [a, b] or the path "
                           "of a text file with one entry a line")

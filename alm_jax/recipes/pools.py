@@ -28,11 +28,16 @@ def _read(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def prompt_lines(text: str) -> tuple[str, ...]:
+    """The entries of a text pool's contents: one a line, stripped; blank lines and `#` lines skipped."""
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
 @functools.cache
 def text_pool(name: str) -> tuple[str, ...]:
     """The prompts of `prompts/<name>` (a .txt file), in file order; ConfigError on duplicates or none."""
-    lines = [line.strip() for line in _read(name).splitlines()]
-    prompts = tuple(line for line in lines if line and not line.startswith("#"))
+    prompts = prompt_lines(_read(name))
     if not prompts:
         raise ConfigError(f"prompt pool {PROMPTS_DIR}/{name} holds no prompts")
     duplicates = sorted({p for p in prompts if prompts.count(p) > 1})
