@@ -24,6 +24,7 @@ def pooled_states(encoder, source, n: int, taps: tuple[int, ...], batch: int = 1
     import jax.numpy as jnp
 
     from alm_jax.audio import log_mel, synth
+    from alm_jax.audio.features import encoder_frames
     classes = list(synth.EVENT_LABELS)
     feats, labels = [], []
     for start in range(0, n, batch):
@@ -35,7 +36,7 @@ def pooled_states(encoder, source, n: int, taps: tuple[int, ...], batch: int = 1
                       keep=[t - 1 for t in taps])
         states = [np.asarray(out.block_outputs[t - 1]) for t in taps]
         for j, (meta, w) in enumerate(clips):
-            frames = max(1, len(w) // 320)            # 10 ms mel hop, stride-2 conv: 320 samples a state
+            frames = max(1, int(encoder_frames(len(w))))
             feats.append(np.concatenate([s[j, :frames].mean(0) for s in states]
                                         + [s[j, :frames].std(0) for s in states]))
             labels.append([c in meta.labels for c in classes])

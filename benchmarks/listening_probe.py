@@ -31,7 +31,7 @@ CAPTION_QUESTIONS = ("What can you hear in this audio?", "Describe the sounds in
                      "Which sounds does this recording contain?", "What is happening in this audio?")
 
 
-def write_yes_no_corpus(out: Path, n: int, seed: int, target: str = "yes_no") -> None:
+def write_metadata_corpus(out: Path, n: int, seed: int, target: str = "yes_no") -> None:
     """`n` clips of DemoSource(seed), one answer each from the metadata: `yes_no` (one present/absent question,
     "Yes." / "No.") or `caption` (a sound question, answered with the clip's templated caption)."""
     from alm_jax.data.corpus import write_corpus
@@ -47,7 +47,7 @@ def write_yes_no_corpus(out: Path, n: int, seed: int, target: str = "yes_no") ->
     def record(i: int) -> Record | None:
         meta, wave = source[i]
         if target == "caption":
-            messages = chat(TRAINING_SYSTEM_PROMPT, f"{training_audio(1)}\n{CAPTION_QUESTIONS[i % 4]}")
+            messages = chat(TRAINING_SYSTEM_PROMPT, f"{training_audio(1)}\n{CAPTION_QUESTIONS[i % len(CAPTION_QUESTIONS)]}")
             messages.append({"role": "assistant", "content": meta.caption})
             return Record(clips=[AudioClip.from_wave(wave, source.sample_rate, meta=meta)], messages=messages,
                           recipe="metadata_caption")
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-clips", type=int, default=60)
     p.add_argument("--target", choices=("yes_no", "caption"), default="yes_no",
-                   help="what the training answers are, from the metadata (see write_yes_no_corpus)")
+                   help="what the training answers are, from the metadata (see write_metadata_corpus)")
     p.add_argument("--alignment", action="store_true", help="also run the alignment suite on --eval-clips clips")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=3e-4")
     args = p.parse_args()
@@ -107,7 +107,7 @@ def main() -> int:
     corpus, ckpt = out / "corpus", out / "checkpoints"
     t0 = time.time()
     if not (corpus / "manifest.json").exists():
-        write_yes_no_corpus(corpus, args.clips, args.seed, args.target)
+        write_metadata_corpus(corpus, args.clips, args.seed, args.target)
     subprocess.run(alm + ["train", str(ROOT / "configs" / "demo.yaml"), f"data.corpus=[{corpus}]", "data.weights=[1]",
                           "data.max_text_tokens=88", f"steps={args.steps}", f"optim.total_steps={args.steps}",
                           f"checkpoint.dir={ckpt}", f"logging.dir={out / 'train'}", f"checkpoint.every={args.steps}",
