@@ -9,6 +9,7 @@ import json
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 
@@ -99,7 +100,12 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     cfg = load_config(DEMO_CONFIG, train[2:])
     check_suites(cfg.eval)
     assert cfg.steps == 4 and cfg.eval.every == 2 and len(cfg.data.corpus) == 3
-    assert cfg.data.weights == (4.0, 5.0, 2.0)        # in proportion to the records each corpus kept
+    assert cfg.data.weights == (4.0, 10.0, 2.0)       # records each corpus kept x EMPHASIS (BALSa twice)
+    desta = next(g for g in gens if "source.seed=10" in g)
+    option = next(a for a in desta if a.startswith("recipe.instructions="))
+    instructions = Path(option.split("=", 1)[1]).read_text().splitlines()
+    from alm_jax.evaluation.alignment import QUESTION
+    assert len(instructions) >= 8 and QUESTION not in instructions   # the suite's question is never trained on
     assert {c[c.index("--suite") + 1] for c in calls if c[0] == "eval"} == set(SUITES)
 
     out = tmp_path / "demo"
