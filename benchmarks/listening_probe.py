@@ -113,16 +113,18 @@ def main() -> int:
                           f"checkpoint.dir={ckpt}", f"logging.dir={out / 'train'}", f"checkpoint.every={args.steps}",
                           "eval.every=0", "seed=0", "resume=auto", *args.overrides], check=True)
     t_train = time.time() - t0
-    subprocess.run(alm + ["eval", str(ckpt), "--suite", "hallucination", "--out", str(out / "eval"), "--batch-size",
-                          "16", "--max-new-tokens", "4", "--set",
-                          f"eval.suites=[{{name: hallucination, clips: {args.eval_clips}}}]"], check=True)
+
+    def suite(name: str, max_new_tokens: int) -> dict:
+        """`alm eval` of the final checkpoint on `--eval-clips` clips of suite `name`; its metrics row."""
+        subprocess.run(alm + ["eval", str(ckpt), "--suite", name, "--out", str(out / "eval"), "--batch-size", "16",
+                              "--max-new-tokens", str(max_new_tokens), "--set",
+                              f"eval.suites=[{{name: {name}, clips: {args.eval_clips}}}]"], check=True)
+        return next(iter(json.loads((out / "eval" / f"{name}.json").read_text()).values()))
+
+    row = suite("hallucination", 4)
     if args.alignment:
-        subprocess.run(alm + ["eval", str(ckpt), "--suite", "alignment", "--out", str(out / "eval"), "--batch-size",
-                              "16", "--max-new-tokens", "16", "--set",
-                              f"eval.suites=[{{name: alignment, clips: {args.eval_clips}}}]"], check=True)
-        aligned = next(iter(json.loads((out / "eval" / "alignment.json").read_text()).values()))
+        aligned = suite("alignment", 16)
         print("alignment:", json.dumps({k.rsplit("/", 1)[-1]: v for k, v in aligned.items()}))
-    row = next(iter(json.loads((out / "eval" / "hallucination.json").read_text()).values()))
     speech, events = present_right(out / "eval" / "hallucination-details")
     norm, text_norm, spread = token_spread(ckpt)
     print(f"| {' '.join(args.overrides) or 'demo.yaml'} | {args.steps} | "

@@ -103,8 +103,9 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     assert cfg.data.weights == (4.0, 10.0, 2.0)       # records each corpus kept x EMPHASIS (BALSa twice)
     desta = next(g for g in gens if "source.seed=10" in g)
     option = next(a for a in desta if a.startswith("recipe.instructions="))
-    instructions = Path(option.split("=", 1)[1]).read_text().splitlines()
     from alm_jax.evaluation.alignment import QUESTION
+    from alm_jax.recipes.pools import prompt_lines
+    instructions = prompt_lines(Path(option.split("=", 1)[1]).read_text())   # what the recipe reads
     assert len(instructions) >= 8 and QUESTION not in instructions   # the suite's question is never trained on
     assert {c[c.index("--suite") + 1] for c in calls if c[0] == "eval"} == set(SUITES)
 
