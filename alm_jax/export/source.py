@@ -19,6 +19,7 @@ from alm_jax.config import TrainConfig, apply_override, from_dict, with_legacy_m
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import AudioLanguageModel
 from alm_jax.models.stack import stacks, unstack
+from alm_jax.sharding import make_mesh, mesh_from_config
 from alm_jax.training.checkpoint import Checkpointer, restore_params
 from alm_jax.weights.alm_params import build_alm
 from alm_jax.weights.demo_models import resolve_demo_paths
@@ -57,11 +58,26 @@ def run_config(directory: str | Path, step: int | None = None, overrides: Sequen
 def load_run(directory: str | Path, step: int | None = None, *, overrides: Sequence[str] = (),
              mesh=None) -> TrainedRun:
     """The run whose `checkpoint.dir` is `directory`, at `step` (None = the latest). `overrides`: dotted
-    `key=value` changes to the stored config that do not touch the model (data/eval settings)."""
+    `key=value` changes to the stored config that do not touch the model (data/eval settings). `mesh`: where the
+    model lives; None = the run's `mesh` settings over this process's devices (all of them on `data` when those
+    settings do not fit here), so the model sits on the mesh the evaluators shard their batches over."""
     cfg, stored = run_config(directory, step, overrides)
-    model, step = restore_params(build_alm(cfg.model, seed=cfg.seed, mesh=mesh), directory, step)
+    if mesh is None:
+        mesh = eval_mesh(cfg)
+    model, step = restore_params(build_alm(cfg.model, seed=cfg.seed, mesh=mesh), directory, step, mesh=mesh)
     model.eval()   # a trained run is for inference: running statistics, no dropout
     return TrainedRun(cfg=cfg, model=model, step=step, directory=Path(directory), stored_config=stored)
+
+def eval_mesh(cfg: TrainConfig):
+    """The run's mesh (`mesh_from_config`) on this process's devices, or all of them along `data` when the run's
+    sizes do not fit this process (a run trained with fsdp=4, read back on one device)."""
+    try:
+        return mesh_from_config(cfg.mesh)
+    except ConfigError as err:
+        print(f"note: the run's mesh does not fit {jax.device_count()} device(s) here ({err}); "
+              "using all of them along `data`", flush=True)
+        return make_mesh()
+
 
 def host_array(x) -> np.ndarray:
     """One (possibly sharded, possibly multi-host) array as a full numpy array on this host."""

@@ -543,11 +543,13 @@ class PreemptionGuard:
         return bool(np.asarray(flags).any())
 
 
-def restore_params(model, directory: str | Path, step: int | None = None):
+def restore_params(model, directory: str | Path, step: int | None = None, *, mesh=None):
     """`model` (an `AudioLanguageModel` built from the run's config) with what its run learned (connector +
     LoRA weights, and the running state `models.alm.RUNNING_STATE` when it has one) read from the training
     checkpoint in `directory` at `step` (None = latest), in place; no optimizer is built and the optimizer state
-    is not read. Returns `(model, step)`."""
+    is not read. `mesh`: the restored arrays are laid out on it by their logical axes (as training lays them
+    out; what the model was built on), whatever mesh the checkpoint was written from; None = each parameter's
+    current placement. Returns `(model, step)`."""
     from flax import nnx
 
     from alm_jax.models.alm import RUNNING_STATE, split_trainable
@@ -556,14 +558,22 @@ def restore_params(model, directory: str | Path, step: int | None = None):
     reader = Checkpointer(directory, read_only=True)
     try:
         step = reader._check_step(step)
-        restored, _ = reader.restore(step, abstract_with_shardings(trainable), only="trainable")
+        restored, _ = reader.restore(step, _targets(trainable, mesh), only="trainable")
         nnx.update(model, restored)
         if jax.tree.leaves(stats):
-            restored, _ = reader.restore(step, abstract_with_shardings(stats), only="model_state")
+            restored, _ = reader.restore(step, _targets(stats, mesh), only="model_state")
             nnx.update(model, restored)
     finally:
         reader.close()
     return model, step
+
+
+def _targets(state, mesh):
+    """Restore targets for an nnx state: on `mesh` by logical axes (`sharding.state_shardings`), or where it is."""
+    if mesh is None:
+        return abstract_with_shardings(state)
+    from alm_jax.sharding import state_shardings
+    return abstract_with_shardings(state, state_shardings(state, mesh))
 
 
 def save_trained(model, directory: str | Path, step: int, config: Mapping | None = None) -> None:
