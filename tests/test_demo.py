@@ -100,7 +100,11 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     cfg = load_config(DEMO_CONFIG, train[2:])
     check_suites(cfg.eval)
     assert cfg.steps == 4 and cfg.eval.every == 2 and len(cfg.data.corpus) == 3
-    assert cfg.data.weights == (4.0, 10.0, 2.0)       # records each corpus kept x EMPHASIS (BALSa twice)
+    assert cfg.data.weights == (8.0, 5.0, 2.0)        # records each corpus kept x EMPHASIS (DeSTA twice)
+    answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
+    assert answer == [16, 12, 16, 16]                 # short answers: the part naming the sound / saying yes or no
+    ma = next(g for g in gens if "balsa_ma" in g)
+    assert f"recipe.max_clips={cfg.data.max_clips}" in ma   # every BALSa-MA record fits the run's audio slots
     desta = next(g for g in gens if "source.seed=10" in g)
     option = next(a for a in desta if a.startswith("recipe.instructions="))
     from alm_jax.evaluation.alignment import QUESTION

@@ -50,12 +50,11 @@ class DemoSize:
     final_clips: int        # hallucination / multi_audio / alignment clips on the final checkpoint
     forgetting: int         # forgetting prompts (0 = the suite's default set)
     batch_size: int = 8
-    max_new_tokens: int = 48
 
 
 SIZES = {
     "full": DemoSize(desta=900, balsa=1000, balsa_ma=250, heldout=32, steps=400, eval_every=100, eval_clips=16,
-                     final_clips=100, forgetting=0, max_new_tokens=40),
+                     final_clips=100, forgetting=0),
     "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, steps=40, eval_every=20, eval_clips=6,
                       final_clips=12, forgetting=4),
 }
@@ -103,10 +102,15 @@ def _checkpoint_done(ckpt: Path, steps: int) -> bool:
 
 
 TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
-# Mixing weight per kept record. BALSa's yes/no answers are drawn twice as often: they are what taught the connector to
-# listen in the probes (200 steps of yes/no only: 70% held-out); at a 37% yes/no share (200 steps) and at 20% (400 steps,
-# DeSTA twice as often) the demo stayed at chance.
-EMPHASIS = {"desta": 1, "balsa": 2, "balsa_ma": 1}
+# Mixing weight per kept record. Four full runs with 40-token answers stayed at chance whichever corpus was drawn
+# twice (README); with answers cut short (`ANSWER_TOKENS`) the DeSTA sound-naming answers read like the caption probe's
+# targets (which named events by step 400), so they are drawn twice.
+EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
+# Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
+# ("a waterfall" for a drip) after the part that names the sound or says yes/no; the demo keeps that part: "The most
+# prominent sound in this clip is the **Drum Hit** sound." fits 16 tokens, "Yes, the audio clip contains a siren."
+# fits 12. Shorter rows are also cheaper (`data.max_text_tokens` in configs/demo.yaml).
+ANSWER_TOKENS = {"desta": 16, "balsa": 12, "balsa_ma": 16, "heldout": 16}
 # The DeSTA corpus's instructions: open requests to name the clip's sounds (never the alignment suite's question)
 DESTA_INSTRUCTIONS = DEMO_CONFIG.parent / "demo_instructions.txt"
 
@@ -120,7 +124,7 @@ def train_overrides(out: Path, size: DemoSize, seed: int) -> list[str]:
     corpora = ",".join(str(out / "corpus" / r) for r in TRAIN_CORPORA)
     weights = ",".join(str(max(kept_records(out / "corpus" / r), 1) * EMPHASIS[r]) for r in TRAIN_CORPORA)
     suites = (f"[{{name: hallucination, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 8, baselines: false}}, "
-              f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 12}}]")
+              f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 16}}]")
     return [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
             f"checkpoint.dir={out / 'checkpoints'}", f"logging.dir={out / 'train'}", f"steps={size.steps}",
             f"optim.total_steps={size.steps}", f"data.batch_size={size.batch_size}", f"seed={seed}",
@@ -146,13 +150,13 @@ def run_demo(args) -> int:
     gen = ["--source", "demo", "--llm", LLM, "--batch-size", "32", "--records-per-shard", "128"]
     corpora = (("desta", "desta", size.desta, 10, [f"recipe.instructions={DESTA_INSTRUCTIONS}"]),
                ("balsa", "balsa", size.balsa, 11, ["recipe.yes_no=1.0", "recipe.answer_hint=true"]),
-               ("balsa_ma", "balsa_ma", size.balsa_ma, 12, []),
+               ("balsa_ma", "balsa_ma", size.balsa_ma, 12, ["recipe.max_clips=2"]),   # data.max_clips
                ("heldout", "desta", size.heldout, 13, []))
     for name, recipe, n, seed, extra in corpora:
         path = out / "corpus" / name
         chain.step(f"generate_{name}", _corpus_done(path),
                    ["generate", "--recipe", recipe, "--n", str(n), "--seed", str(seed), "--out", str(path),
-                    "--max-new-tokens", str(size.max_new_tokens)] + gen
+                    "--max-new-tokens", str(ANSWER_TOKENS[name])] + gen
                    + [f"source.seed={seed}", "source.max_duration=6.0"] + extra)
     ckpt = out / "checkpoints"
     xla = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
