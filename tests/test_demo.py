@@ -111,6 +111,7 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     from alm_jax.recipes.pools import prompt_lines
     instructions = prompt_lines(Path(option.split("=", 1)[1]).read_text())   # what the recipe reads
     assert len(instructions) >= 8 and QUESTION not in instructions   # the suite's question is never trained on
+    assert "recipe.require_label=true" in desta and "source.kinds=[events,mixture]" in desta   # answers name a sound
     assert {c[c.index("--suite") + 1] for c in calls if c[0] == "eval"} == set(SUITES)
 
     out = tmp_path / "demo"

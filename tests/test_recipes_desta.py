@@ -89,3 +89,25 @@ def test_pool_loader_rejects_duplicates_empty_and_missing(monkeypatch):
         pools.check_templates("x", ["Is {label} here?"], allowed={"word"})
     with pytest.raises(ConfigError, match="slots"):
         pools.check_templates("x", ["No slot."], allowed={"label"}, required={"label"})
+
+
+def test_small_backbone_options_hint_the_prompt_and_keep_answers_naming_a_present_sound():
+    from alm_jax.recipes import build_recipe
+    vocab = ("siren", "dog bark", "bell", "speech")
+    meta = ClipMeta("e", "t", 2.0, 16000, labels=("dog bark", "speech"), label_vocabulary=vocab)
+    out = lambda text: [type("Out", (), {"text": text})()]
+    plain = DestaRecipe(seed=0).prepare(0, meta, SILENCE)
+    assert "listened" not in plain.generation_messages[1]["content"]
+    assert DestaRecipe(seed=0).finalize(plain, out("A mix of sounds.")).text == "A mix of sounds."   # default: kept
+    recipe = build_recipe("desta", 0, listening_hint="true", require_label="true")
+    item = recipe.prepare(0, meta, SILENCE)
+    assert item.generation_messages[1]["content"].endswith("\n\n" + recipe.hint)
+    assert item.record_messages[1]["content"].endswith(item.metadata["instruction"])   # training never sees the hint
+    verdict = lambda text: (lambda t: t.text or t.reason)(recipe.finalize(item, out(text)))
+    assert verdict("I hear dogs barking, then a bell.") == "I hear dogs barking, then a bell."
+    assert verdict("A mix of music and sound effects.") == "names_no_label"
+    assert verdict("The main sound is a siren, then a dog bark.") == "names_absent_label"   # the first named counts
+    assert verdict("Answer as someone who has listened: a dog bark.") == "hint_echo"
+    assert verdict("[00:00-00:02] (Audio category: dog bark") == "rejected_by_recipe"
+    with pytest.raises(ConfigError, match="require_label must be true or false"):
+        DestaRecipe(seed=0, require_label="yes")

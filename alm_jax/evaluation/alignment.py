@@ -30,9 +30,6 @@ Per-item answers are in `details`.
 
 from __future__ import annotations
 
-import re
-from typing import Sequence
-
 from alm_jax.config import SuiteConfig, TrainConfig
 from alm_jax.data.records import Record
 from alm_jax.data.seed_descriptions import desta_seed_description
@@ -41,23 +38,11 @@ from alm_jax.errors import ConfigError
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.backbone import BackboneReference, load_backbone
 from alm_jax.evaluation.base import GenerationSuite
-from alm_jax.recipes.base import GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, training_audio
+from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, read_label,  # noqa: F401
+                                  training_audio)
 from alm_jax.recipes.pools import json_pool
 
 QUESTION = "What is the main sound in this audio?"
-
-
-def read_label(text: str, labels: Sequence[str]) -> str | None:
-    """The label `text` names first (case-insensitive whole words, each word may take a suffix, words joined
-    by spaces or hyphens; the longer label wins a tie), or None."""
-    low = text.lower()
-    best: tuple[int, int, str] | None = None
-    for label in labels:
-        words = [re.escape(w) + r"[a-z]*" for w in label.lower().split()]
-        m = re.search(r"(?<![a-z])" + r"[\s-]+".join(words) + r"(?![a-z])", low)
-        if m and (best is None or (m.start(), -len(label)) < best[:2]):
-            best = (m.start(), -len(label), label)
-    return best[2] if best else None
 
 
 class AlignmentSuite(GenerationSuite):

@@ -133,6 +133,19 @@ def echoes_seed(text: str) -> bool:
     return _ECHO.search(text) is not None
 
 
+def read_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label `text` names first (case-insensitive whole words, each word may take a suffix, words joined
+    by spaces or hyphens; the longer label wins a tie), or None."""
+    low = text.lower()
+    best: tuple[int, int, str] | None = None
+    for label in labels:
+        words = [re.escape(w) + r"[a-z]*" for w in label.lower().split()]
+        m = re.search(r"(?<![a-z])" + r"[\s-]+".join(words) + r"(?![a-z])", low)
+        if m and (best is None or (m.start(), -len(label)) < best[:2]):
+            best = (m.start(), -len(label), label)
+    return best[2] if best else None
+
+
 class Recipe:
     """Base of the recipes: seed checks, item-keyed RNGs, the default single-stage post-processing.
 
