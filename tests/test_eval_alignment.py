@@ -42,3 +42,12 @@ def test_suite_on_a_tiny_alm(tiny, tmp_path):
         assert r["seed"] in chat[1]["content"] and QUESTION in chat[1]["content"]
         assert "Answer as someone who has listened" in chat[1]["content"]
     assert suite.reference.load is None
+
+    # an ALM naming one class for every clip: agreement no better than the best constant answer, one class named
+    n = len(rows)
+    backbone = ["A siren wails."] + ["A bell rings."] * (n - 1)
+    suite.reference.compare = lambda *args: iter(zip(["It is a siren."] * n, backbone, ["Nothing."] * n))
+    m = suite.run(None)
+    assert m["eval/alignment/agreement"] == pytest.approx(100 / n) and m["eval/alignment/baseline"] == 0
+    assert m["eval/alignment/constant_baseline"] == pytest.approx(100 * max(1, n - 1) / n)
+    assert m["eval/alignment/distinct_alm"] == 1

@@ -185,7 +185,8 @@ def run_demo(args) -> int:
     numbers = collect(out)
     files = write_report(out, numbers, command=f"alm demo --size {args.size} --out {out}")
     _say("report: " + ", ".join(str(out / f) for f in files))
-    for key in ("alignment.agreement", "alignment.baseline", "hallucination.accuracy", "hallucination.no_f1",
+    for key in ("alignment.agreement", "alignment.baseline", "alignment.constant_baseline", "alignment.distinct_alm",
+                "hallucination.accuracy", "hallucination.no_f1",
                 "hallucination.backbone_text_accuracy", "multi_audio.accuracy", "forgetting.exact_match"):
         if key in numbers:
             _say(f"  {key}: {numbers[key]:.1f}")

@@ -43,6 +43,8 @@ KEYS = {
     "alignment.accuracy_no_audio": ("alignment", "accuracy_no_audio"),
     "alignment.readable_backbone": ("alignment", "readable_backbone"),
     "alignment.items": ("alignment", "items"),
+    "alignment.constant_baseline": ("alignment", "constant_baseline"),
+    "alignment.distinct_alm": ("alignment", "distinct_alm"),
 }
 CURVES = (("eval/hallucination/accuracy", "hallucination accuracy"),
           ("eval/alignment/agreement", "alignment agreement"),

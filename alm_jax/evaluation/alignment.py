@@ -24,7 +24,10 @@ openly. Metrics (percent): `agreement` (ALM and backbone read the same class), `
 ALM's agreement with the backbone: what the ALM matches without listening), `ratio` (agreement /
 baseline; 0 when the baseline is 0), `accuracy` / `accuracy_backbone_text` / `accuracy_no_audio` (the
 class read is one of the clip's labels), `readable_backbone` (backbone answers that name a class),
-`unparsed_rate` (ALM answers naming none), and the counts `items`, `skipped` (clips without a label).
+`unparsed_rate` (ALM answers naming none), `constant_baseline` (the agreement of the best constant answer:
+the share of clips for which the backbone names its most frequent class; an ALM naming one class for every
+clip scores at most this), `distinct_alm` (how many classes the ALM names over the clips), and the counts
+`items`, `skipped` (clips without a label).
 Per-item answers are in `details`.
 """
 
@@ -93,6 +96,12 @@ class AlignmentSuite(GenerationSuite):
         for who, key in (("alm", "accuracy"), ("backbone_text", "accuracy_backbone_text"),
                          ("no_audio", "accuracy_no_audio")):
             metrics[key] = pct([r["read"][who] in r["labels"] for r in rows])
+        # an ALM that gives every clip the same answer agrees as often as the backbone names that class: the best
+        # such constant is a second baseline, and `distinct_alm` tells a listening ALM from a constant one
+        named = {r["read"]["backbone_text"] for r in rows} - {None}
+        metrics["constant_baseline"] = max((pct([r["read"]["backbone_text"] == c for r in rows]) for c in named),
+                                           default=0.0)
+        metrics["distinct_alm"] = float(len({r["read"]["alm"] for r in rows} - {None}))
         metrics.update({"readable_backbone": pct([r["read"]["backbone_text"] is not None for r in rows]),
                         "unparsed_rate": pct([r["read"]["alm"] is None for r in rows]), "items": float(len(rows)),
                         "skipped": float(self.skipped)})
