@@ -16,20 +16,21 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from alm_jax.demo import DEMO_CONFIG, alm_command
+
+REPO = DEMO_CONFIG.parent.parent
 
 
 def train(devices: int, corpus: str, steps: int, work: Path) -> list[dict]:
     out = work / f"d{devices}"
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [str(Path(sys.executable).with_name("alm")), "train", str(REPO / "configs" / "demo.yaml"),
-           f"data.corpus=[{corpus}]", "data.weights=[1]", f"steps={steps}", f"optim.total_steps={steps}",
-           "logging.every=1", "eval.every=0", f"checkpoint.dir={out / 'ckpt'}", "checkpoint.every=1000",
-           f"logging.dir={out / 'log'}", "resume=none", "seed=0"]
+    cmd = alm_command() + [
+        "train", str(DEMO_CONFIG), f"data.corpus=[{corpus}]", "data.weights=[1]", f"steps={steps}",
+        f"optim.total_steps={steps}", "logging.every=1", "eval.every=0", f"checkpoint.dir={out / 'ckpt'}",
+        "checkpoint.every=1000", f"logging.dir={out / 'log'}", "resume=none", "seed=0"]
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "log" / "metrics.jsonl").read_text().splitlines()]
 

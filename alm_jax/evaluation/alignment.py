@@ -41,7 +41,7 @@ from alm_jax.errors import ConfigError
 from alm_jax.evaluation.answering import Answerer
 from alm_jax.evaluation.backbone import BackboneReference, load_backbone
 from alm_jax.evaluation.base import GenerationSuite
-from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, read_label,  # noqa: F401
+from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, chat, generation_audio, read_label,
                                   training_audio)
 from alm_jax.recipes.pools import json_pool
 

@@ -123,9 +123,10 @@ class DestaRecipe(Recipe):
                  count_tokens: Callable[[str], int] | None = None) -> Target:
         """The answer as target unless it echoes the seed markup or the hint, or (`require_label`) its first
         named sound class is missing or not one of the clip's labels."""
-        text = outputs[-1].text
-        if not self.accepts(text):
-            return Target.drop("rejected_by_recipe")
+        target = super().finalize(item, outputs, count_tokens)
+        if not target.kept:
+            return target
+        text = target.text
         if self.listening_hint and self.hint[:24].lower() in text.lower():
             return Target.drop("hint_echo")
         if self.require_label:
@@ -135,4 +136,4 @@ class DestaRecipe(Recipe):
                 return Target.drop("names_no_label")
             if named not in meta.labels:
                 return Target.drop("names_absent_label")
-        return Target.keep(text)
+        return target
