@@ -100,7 +100,7 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     cfg = load_config(DEMO_CONFIG, train[2:])
     check_suites(cfg.eval)
     assert cfg.steps == 4 and cfg.eval.every == 2 and len(cfg.data.corpus) == 3
-    assert cfg.data.weights == (8.0, 5.0, 2.0)        # records each corpus kept x EMPHASIS (DeSTA twice)
+    assert cfg.data.weights == (4.0, 5.0, 2.0)        # the records each corpus kept (x EMPHASIS, 1 each)
     answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
     assert answer == [16, 12, 16, 16]                 # short answers: the part naming the sound / saying yes or no
     ma = next(g for g in gens if "balsa_ma" in g)
@@ -111,7 +111,9 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     from alm_jax.recipes.pools import prompt_lines
     instructions = prompt_lines(Path(option.split("=", 1)[1]).read_text())   # what the recipe reads
     assert len(instructions) >= 8 and QUESTION not in instructions   # the suite's question is never trained on
-    assert "recipe.require_label=true" in desta and "source.kinds=[events,mixture]" in desta   # answers name a sound
+    for option in ("recipe.require_label=true", "recipe.label_hint=true", "source.kinds=[events]",
+                   "source.max_events=1"):   # one sound per clip, named to SmolLM2, answers that name it
+        assert option in desta
     assert {c[c.index("--suite") + 1] for c in calls if c[0] == "eval"} == set(SUITES)
 
     out = tmp_path / "demo"

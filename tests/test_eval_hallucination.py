@@ -57,6 +57,15 @@ def test_metrics_arithmetic():
     assert yes_no_metrics(["yes", "no"], ["yes", "yes"])["f1_no"] == 0.0   # says yes to everything
 
 
+def test_accuracy_by_kind_separates_speech_from_events():
+    from alm_jax.evaluation.hallucination import by_kind
+    qs = [{"label": "speech", "expected": "yes"}, {"label": "bell", "expected": "no"},
+          {"label": "siren", "expected": "yes"}, {"label": "speech", "expected": "no"}]
+    m = by_kind(qs, ["yes", "yes", "yes", None])   # speech: 1 of 2 right, events: 1 of 2 right
+    assert m == {"speech_accuracy": 50.0, "events_accuracy": 50.0}
+    assert by_kind(qs[1:3], ["no", "no"]) == {"events_accuracy": 50.0}   # no speech question: no speech metric
+
+
 def test_suite_on_a_tiny_alm(tiny, tmp_path):
     from alm_jax.config import SuiteConfig
     from alm_jax.evaluation import EVALUATORS
@@ -69,7 +78,8 @@ def test_suite_on_a_tiny_alm(tiny, tmp_path):
     m = suite.run(build_alm(cfg.model, seed=cfg.seed))
     names = {"accuracy", "precision_no", "recall_no", "f1_no", "yes_rate", "unparsed_rate", "questions", "skipped_clips",
              "backbone_text_accuracy", "no_audio_accuracy"}
-    assert set(m) == {f"eval/hallucination/{k}" for k in names}
+    kinds = {f"eval/hallucination/{k}" for k in ("speech_accuracy", "events_accuracy")}
+    assert set(m) - kinds == {f"eval/hallucination/{k}" for k in names} and set(m) & kinds   # by kind, when asked
     items = suite.details["items"]
     assert m["eval/hallucination/questions"] == len(items)
     assert m["eval/hallucination/accuracy"] == pytest.approx(100 * sum(i["read"] == i["expected"] for i in items) / len(items))

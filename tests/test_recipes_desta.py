@@ -111,3 +111,24 @@ def test_small_backbone_options_hint_the_prompt_and_keep_answers_naming_a_presen
     assert verdict("[00:00-00:02] (Audio category: dog bark") == "rejected_by_recipe"
     with pytest.raises(ConfigError, match="require_label must be true or false"):
         DestaRecipe(seed=0, require_label="yes")
+
+
+def test_label_hint_names_the_clips_sound_classes_to_the_backbone_only():
+    from alm_jax.recipes import build_recipe
+    meta = ClipMeta("e", "t", 2.0, 16000, labels=("dog bark", "bell"), label_vocabulary=("siren", "dog bark", "bell"))
+    out = lambda text: [type("Out", (), {"text": text})()]
+    recipe = build_recipe("desta", 0, label_hint="true", require_label="true")
+    item = recipe.prepare(0, meta, SILENCE)
+    prompt = item.generation_messages[1]["content"]
+    assert prompt.endswith("\n\n" + recipe.labels_hint.format(labels="dog bark and bell"))   # the labels, in order
+    assert "siren" not in prompt and "listened" not in prompt                             # only what was asked
+    assert "dog bark" not in item.record_messages[1]["content"]                           # training never sees it
+    assert recipe.finalize(item, out("The sound is a bell.")).text == "The sound is a bell."
+    assert recipe.finalize(item, out("Sound classes in this clip: bell.")).reason == "hint_echo"
+    silent = recipe.prepare(0, ClipMeta("s", "t", 2.0, 16000, speech=(Speech("hi", 0.0, 1.0),)), SILENCE)   # no labels
+    assert "Sound classes" not in silent.generation_messages[1]["content"]
+    both = build_recipe("desta", 0, label_hint="true", listening_hint="true").prepare(0, meta, SILENCE)
+    assert both.generation_messages[1]["content"].endswith(recipe.labels_hint.format(labels="dog bark and bell")
+                                                          + "\n\n" + recipe.hint)
+    with pytest.raises(ConfigError, match="label_hint must be true or false"):
+        DestaRecipe(seed=0, label_hint=1)

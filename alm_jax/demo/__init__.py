@@ -102,10 +102,9 @@ def _checkpoint_done(ckpt: Path, steps: int) -> bool:
 
 
 TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
-# Mixing weight per kept record. Four full runs with 40-token answers stayed at chance whichever corpus was drawn
-# twice (README); with answers cut short (`ANSWER_TOKENS`) the DeSTA sound-naming answers read like the caption probe's
-# targets (which named events by step 400), so they are drawn twice.
-EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
+# Mixing weight per kept record. Six full runs with noisy naming targets never listened; the DeSTA corpus is now as
+# clean as the BALSa one (below), so the two are drawn in proportion to what they kept (~1,050 and 1,000 records).
+EMPHASIS = {"desta": 1, "balsa": 1, "balsa_ma": 1}
 # Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
 # ("a waterfall" for a drip) after the part that names the sound or says yes/no; the demo keeps that part: "The most
 # prominent sound in this clip is the **Drum Hit** sound." fits 16 tokens, "Yes, the audio clip contains a siren."
@@ -113,12 +112,14 @@ EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
 ANSWER_TOKENS = {"desta": 16, "balsa": 12, "balsa_ma": 16, "heldout": 16}
 # The DeSTA corpus's instructions: open requests to name the clip's sounds (never the alignment suite's question)
 DESTA_INSTRUCTIONS = DEMO_CONFIG.parent / "demo_instructions.txt"
-# The DeSTA corpus: clips with sound events (events only, or speech + events), answers kept only when the first
-# sound class they name is one of the clip's (`recipe.require_label`). Without both, SmolLM2-135M named a present
-# class in 168 of 900 answers (the 2026-12-06 run): a target that names nothing ("a mix of music and sound
-# effects") fits every clip, and the ALM trained on it answered "a mix of the main sound" to all 100 alignment clips.
-DESTA_OPTIONS = [f"recipe.instructions={DESTA_INSTRUCTIONS}", "recipe.require_label=true",
-                 "source.kinds=[events,mixture]"]
+# The DeSTA corpus: single-event clips (`source.kinds=[events]`, `source.max_events=1`: one sound over a background,
+# so the answer's sound is one the audio determines), the clip's sound class stated to SmolLM2 in the generation
+# prompt (`recipe.label_hint`, as BALSa's `answer_hint` states the yes/no), answers kept only when the first sound
+# class they name is the clip's (`recipe.require_label`). On 64 clips: 57 kept with the hint, 17 without. Without
+# them (the 2026-12-06 runs) SmolLM2-135M named a present class in 168 of 900 answers on multi-event clips, and an
+# ALM trained on the kept ones named "siren" for every clip.
+DESTA_OPTIONS = [f"recipe.instructions={DESTA_INSTRUCTIONS}", "recipe.require_label=true", "recipe.label_hint=true",
+                 "source.kinds=[events]", "source.max_events=1"]
 
 
 def kept_records(corpus: Path) -> int:

@@ -27,6 +27,8 @@ KEYS = {
     "hallucination.accuracy": ("hallucination", "accuracy"),
     "hallucination.no_f1": ("hallucination", "f1_no"),
     "hallucination.yes_rate": ("hallucination", "yes_rate"),
+    "hallucination.speech_accuracy": ("hallucination", "speech_accuracy"),
+    "hallucination.events_accuracy": ("hallucination", "events_accuracy"),
     "hallucination.backbone_text_accuracy": ("hallucination", "backbone_text_accuracy"),
     "hallucination.no_audio_accuracy": ("hallucination", "no_audio_accuracy"),
     "hallucination.questions": ("hallucination", "questions"),

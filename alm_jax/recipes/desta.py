@@ -30,12 +30,16 @@ is a plain assistant prompt. Their training example puts the instruction before 
 audio comes first, the order the generation prompt uses. The instruction pool is ours (theirs is not
 public).
 
-Two options for small backbones (ours, not the paper's; off by default): `listening_hint` appends the
+Three options for small backbones (ours, not the paper's; off by default): `listening_hint` appends the
 recipes' listening hint (`prompts/balsa.json`: answer as someone who heard the clip) to the generation
-prompt, the prompt the alignment suite's backbone reference uses; `require_label` keeps only answers whose
-first named sound class (`read_label` over the clip's label vocabulary) is one of the clip's labels,
-dropping `names_no_label` / `names_absent_label` (SmolLM2-135M named a present class in 168 of 657 answers
-without them: a target that names nothing teaches the ALM an answer that fits every clip).
+prompt, the prompt the alignment suite's backbone reference uses; `label_hint` appends the clip's sound
+classes (its metadata labels, "Sound classes in this clip: bell. Name the sound in your answer ..."), as
+BALSa's `answer_hint` states a yes/no answer; `require_label` keeps only answers whose first named sound class
+(`read_label` over the clip's label vocabulary) is one of the clip's labels, dropping `names_no_label` /
+`names_absent_label` (SmolLM2-135M named a present class in 168 of 657 answers without them: a target that
+names nothing teaches the ALM an answer that fits every clip; on single-event clips it kept 17 of 64 answers
+without `label_hint`, 57 of 64 with it). An answer that copies a hint is dropped (`hint_echo`). The training
+prompt never carries a hint.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.errors import ConfigError
 from alm_jax.recipes.base import (BEGIN_AUDIO, END_AUDIO, END_AUDIO_TAG, GENERATION_SYSTEM_PROMPT,  # noqa: F401
                                   START_AUDIO_TAG, TRAINING_SYSTEM_PROMPT, GenerationItem, Output, Recipe, Target,
-                                  chat, clip_at, generation_audio, read_label, require_seed, training_audio,
-                                  transcripts_metadata)
+                                  chat, clip_at, generation_audio, join_words, read_label, require_seed,
+                                  training_audio, transcripts_metadata)
 from alm_jax.recipes.instructions import DESTA_INSTRUCTIONS
 from alm_jax.recipes.pools import json_pool
 
@@ -63,22 +67,24 @@ class DestaRecipe(Recipe):
     """DeSTA2.5 self-generated alignment for single clips (see the module docstring).
 
     seed: int >= 0, keys the instruction draw; instructions: the pool to draw from; listening_hint,
-    require_label: the small-backbone options of the module docstring.
+    label_hint, require_label: the small-backbone options of the module docstring.
     """
     recipe_id = RECIPE_ID
 
     def __init__(self, seed: int = 0, instructions: Sequence[str] = DESTA_INSTRUCTIONS,
-                 listening_hint: bool = False, require_label: bool = False):
+                 listening_hint: bool = False, require_label: bool = False, label_hint: bool = False):
         super().__init__(seed)
         if isinstance(instructions, str) or not instructions or not all(
                 isinstance(s, str) and s.strip() for s in instructions):
             raise ConfigError("DestaRecipe: instructions must be a non-empty sequence of non-empty strings")
-        for key, value in (("listening_hint", listening_hint), ("require_label", require_label)):
+        for key, value in (("listening_hint", listening_hint), ("require_label", require_label),
+                           ("label_hint", label_hint)):
             if not isinstance(value, bool):
                 raise ConfigError(f"DestaRecipe: {key} must be true or false, got {value!r}")
         self.instructions = tuple(instructions)
-        self.listening_hint, self.require_label = listening_hint, require_label
-        self.hint = json_pool("balsa.json")["hints"]["listening"]
+        self.listening_hint, self.require_label, self.label_hint = listening_hint, require_label, label_hint
+        hints = json_pool("balsa.json")["hints"]
+        self.hint, self.labels_hint = hints["listening"], hints["labels"]
 
     def instruction_index(self, index: int) -> int:
         """Index into `instructions` of item `index` (depends on `(seed, index)` only; balanced per block)."""
@@ -86,9 +92,13 @@ class DestaRecipe(Recipe):
         order = np.random.default_rng([self.seed, _INSTRUCTION_STREAM, block]).permutation(len(self.instructions))
         return int(order[position])
 
-    def generation_messages(self, seed_description: str, instruction: str) -> list[dict[str, str]]:
-        """The backbone LLM's chat: the audio given as its seed description between bracket markers."""
-        hint = f"\n\n{self.hint}" if self.listening_hint else ""
+    def generation_messages(self, seed_description: str, instruction: str,
+                            labels: Sequence[str] = ()) -> list[dict[str, str]]:
+        """The backbone LLM's chat: the audio given as its seed description between bracket markers, then the
+        instruction and the hints the options ask for (`labels`: the clip's sound classes, for `label_hint`)."""
+        hints = [self.labels_hint.format(labels=join_words(labels, "and"))] if self.label_hint and labels else []
+        hints += [self.hint] if self.listening_hint else []
+        hint = "".join(f"\n\n{h}" for h in hints)
         return chat(GENERATION_SYSTEM_PROMPT, f"{generation_audio([seed_description])}\n{instruction}{hint}")
 
     def record_messages(self, instruction: str) -> list[dict[str, str]]:
@@ -104,7 +114,7 @@ class DestaRecipe(Recipe):
         k = self.instruction_index(index)
         instruction = self.instructions[k]
         return GenerationItem(
-            generation_messages=self.generation_messages(seed_description, instruction),
+            generation_messages=self.generation_messages(seed_description, instruction, meta.labels),
             record_messages=self.record_messages(instruction), clips=[(meta, waveform)],
             seed_descriptions=[seed_description], recipe=self.recipe_id, source=meta.source,
             item_id=meta.clip_id, seed=self.seed,
@@ -127,8 +137,9 @@ class DestaRecipe(Recipe):
         if not target.kept:
             return target
         text = target.text
-        if self.listening_hint and self.hint[:24].lower() in text.lower():
-            return Target.drop("hint_echo")
+        for on, hint in ((self.listening_hint, self.hint), (self.label_hint, self.labels_hint)):
+            if on and hint[:24].lower() in text.lower():
+                return Target.drop("hint_echo")
         if self.require_label:
             meta = item.clips[0][0]
             named = read_label(text, meta.label_vocabulary or meta.labels)
