@@ -58,7 +58,7 @@ from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.errors import ConfigError
 from alm_jax.recipes.base import (GENERATION_SYSTEM_PROMPT, TRAINING_SYSTEM_PROMPT, GenerationItem, Output, Recipe,
                                   Target, chat, check_fraction, check_weights, choose, clip_at, generation_audio,
-                                  join_words, require_seed, training_audio, transcripts_metadata)
+                                  hint_head, join_words, require_seed, training_audio, transcripts_metadata)
 from alm_jax.recipes.cooccurrence import NO_BACKGROUND, Cooccurrence
 from alm_jax.recipes.pools import check_templates, json_pool, slots
 
@@ -143,8 +143,7 @@ class BalsaRecipe(Recipe):
         self.pools = _pools()
         self.hints = dict(json_pool("balsa.json")["hints"])
         # each hint's opening words (up to its first slot), lowercased: what `cut_hint_echo` looks for
-        self.hint_heads = [h for h in (" ".join(t.split()[:4]).split("{")[0].strip().lower()
-                                       for t in self.hints.values()) if len(h) >= 12]
+        self.hint_heads = [h for h in map(hint_head, self.hints.values()) if len(h) >= 12]
         self._table: tuple[object, Cooccurrence] | None = None
 
     # --- co-occurrence ----------------------------------------------------------------------------------

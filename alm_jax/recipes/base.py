@@ -133,6 +133,12 @@ def echoes_seed(text: str) -> bool:
     return _ECHO.search(text) is not None
 
 
+def hint_head(hint: str) -> str:
+    """A generation hint's opening words (up to 4, before its first `{slot}`), lowercased: what the recipes look
+    for in an answer to tell that it copied the hint (the hints are generation-only text)."""
+    return " ".join(hint.split()[:4]).split("{")[0].strip().lower()
+
+
 def read_label(text: str, labels: Sequence[str]) -> str | None:
     """The label `text` names first (case-insensitive whole words, each word may take a suffix, words joined
     by spaces or hyphens; the longer label wins a tie), or None."""

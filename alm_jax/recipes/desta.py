@@ -53,7 +53,7 @@ from alm_jax.data.seed_descriptions import desta_seed_description
 from alm_jax.errors import ConfigError
 from alm_jax.recipes.base import (BEGIN_AUDIO, END_AUDIO, END_AUDIO_TAG, GENERATION_SYSTEM_PROMPT,  # noqa: F401
                                   START_AUDIO_TAG, TRAINING_SYSTEM_PROMPT, GenerationItem, Output, Recipe, Target,
-                                  chat, clip_at, generation_audio, join_words, read_label, require_seed,
+                                  chat, clip_at, generation_audio, hint_head, join_words, read_label, require_seed,
                                   training_audio, transcripts_metadata)
 from alm_jax.recipes.instructions import DESTA_INSTRUCTIONS
 from alm_jax.recipes.pools import json_pool
@@ -138,7 +138,7 @@ class DestaRecipe(Recipe):
             return target
         text = target.text
         for on, hint in ((self.listening_hint, self.hint), (self.label_hint, self.labels_hint)):
-            if on and hint[:24].lower() in text.lower():
+            if on and hint_head(hint) in text.lower():
                 return Target.drop("hint_echo")
         if self.require_label:
             meta = item.clips[0][0]
