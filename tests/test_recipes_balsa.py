@@ -247,3 +247,6 @@ def test_a_copied_hint_is_cut_from_the_target(demo):
                                                        "are not in the clip include: bell.")])
     assert out.text == "Sounds that are not in the clip include: bell."   # a first-sentence copy keeps one sentence
     assert BalsaRecipe(seed=5).finalize(open_item, [Out("I hear only a dog bark.")]).text == "I hear only a dog bark."
+    # only the hints BALSa shows are cut: DeSTA's label hint, kept in the same file, is never in a BALSa prompt
+    said = "I hear a bell. Sound classes in this recording vary."
+    assert BalsaRecipe(seed=5).finalize(open_item, [Out(said)]).text == said

@@ -103,7 +103,8 @@ def _checkpoint_done(ckpt: Path, steps: int) -> bool:
 
 TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
 # Mixing weight per kept record. Six full runs with noisy naming targets never listened; the DeSTA corpus is now as
-# clean as the BALSa one (below), so the two are drawn in proportion to what they kept (~1,050 and 1,000 records).
+# clean as the BALSa one (below), so the two are drawn in proportion to what they kept (1,070 and 1,000 records in
+# the 2026-12-07 run, which did not listen either: README).
 EMPHASIS = {"desta": 1, "balsa": 1, "balsa_ma": 1}
 # Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
 # ("a waterfall" for a drip) after the part that names the sound or says yes/no; the demo keeps that part: "The most

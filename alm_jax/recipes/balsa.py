@@ -103,6 +103,9 @@ def yes_no_answer(text: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+BALSA_HINTS = ("complete", "absent", "yes_no", "yes_no_known", "listening")
+
+
 class BalsaRecipe(Recipe):
     """BALSa single-clip prompts (see the module docstring).
 
@@ -141,7 +144,9 @@ class BalsaRecipe(Recipe):
             raise ConfigError(f"BalsaRecipe: answer_hint must be true or false, got {answer_hint!r}")
         self.answer_hint = answer_hint
         self.pools = _pools()
-        self.hints = dict(json_pool("balsa.json")["hints"])
+        # the hints this recipe's generation prompts show (`generation_user`); balsa.json also holds DeSTA's
+        # `labels` hint, which a BALSa answer cannot have copied
+        self.hints = {k: v for k, v in json_pool("balsa.json")["hints"].items() if k in BALSA_HINTS}
         # each hint's opening words (up to its first slot), lowercased: what `cut_hint_echo` looks for
         self.hint_heads = [h for h in map(hint_head, self.hints.values()) if len(h) >= 12]
         self._table: tuple[object, Cooccurrence] | None = None
