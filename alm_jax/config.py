@@ -157,6 +157,9 @@ class OptimConfig:
     total_steps: int = 1000
     clip_norm: float = 1.0
     grad_accum: int = 1
+    lr_mults: tuple[tuple[str, float], ...] = ()   # YAML: {regex: multiplier} over trainable parameter paths
+                             # ("connector.net.proj.kernel"); the first full match scales that parameter's update
+                             # (its learning rate and decoupled weight decay), others keep 1 (big_vision lr_mults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +300,10 @@ def _coerce(value: Any, tp, path: str):
             value = [list(kv) for kv in value.items()]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             value = [value]
+        if len(args) > 1 and args[1] is not Ellipsis:   # a fixed-length tuple: one type per position
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):

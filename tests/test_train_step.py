@@ -7,9 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from alm_jax.config import OptimConfig
+from alm_jax.config import OptimConfig, load_config
+from alm_jax.errors import ConfigError
 from alm_jax.models.layers import Embed, Linear, RMSNorm
-from alm_jax.training.step import TrainState, build_train_step, make_optimizer, masked_cross_entropy, split_microbatches
+from alm_jax.training.step import (TrainState, build_train_step, make_optimizer, masked_cross_entropy, param_path,
+                                   split_microbatches)
 
 
 class TinyLM(nnx.Module):
@@ -178,3 +180,41 @@ def test_blocked_cross_entropy_equals_full_logits_and_never_builds_them(block):
     walk(jax.make_jaxpr(jax.grad(blocked, argnums=(0, 1)))(h, w).jaxpr)
     assert (b, block, vocab) in shapes                 # the head ran on blocks
     assert not any(len(s) == 3 and s[-1] == vocab and s[1] >= t for s in shapes), sorted(shapes)
+
+
+def _one_update(lr_mults=()):
+    model = TinyLM(nnx.Rngs(0))
+    graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10, lr_mults=lr_mults))
+    step = build_train_step(graphdef, tx, loss_fn, donate=False)
+    before = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    st, _ = step(TrainState(trainable, tx.init(trainable)), frozen, make_batch(0), 0)
+    after = {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(st.trainable)[0]}
+    return {k: after[k] - before[k] for k in before}
+
+
+def test_lr_mults_scale_the_updates_of_the_parameters_they_name():
+    base = _one_update()
+    assert set(base) == {"adapter.kernel", "adapter.bias", "head.kernel"}   # dotted names, no Variable field
+    scaled = _one_update(lr_mults=(("adapter\\..*", 0.25), ("head.kernel", 0.0), ("adapter.kernel", 3.0)))
+    # the first full match wins: adapter.kernel takes 0.25, not 3
+    np.testing.assert_allclose(scaled["adapter.kernel"], 0.25 * base["adapter.kernel"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(scaled["adapter.bias"], 0.25 * base["adapter.bias"], rtol=1e-4, atol=1e-7)
+    assert not np.any(scaled["head.kernel"]) and np.any(base["head.kernel"])
+
+
+@pytest.mark.parametrize("mults, needle", [((("adaptr.kernel", 0.5),), "matches no trainable parameter"),
+                                           ((("adapter(", 0.5),), "not a regular expression"),
+                                           ((("adapter.kernel", -1.0),), "must be >= 0")])
+def test_bad_lr_mults_name_the_pattern(mults, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _one_update(lr_mults=mults)
+
+
+def test_lr_mults_read_from_a_yaml_mapping(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr_mults: {'connector\\.net\\.proj\\..*': 0.1, connector.net.queries: 0.3}\n")
+    got = load_config(cfg).optim.lr_mults
+    assert got == (("connector\\.net\\.proj\\..*", 0.1), ("connector.net.queries", 0.3))
+    with pytest.raises(ConfigError, match=r"lr_mults\[0\]: expected 2 values"):
+        load_config(cfg, ["optim.lr_mults=[[a, 1.0, 2.0]]"])

@@ -8,6 +8,7 @@ gradients and optimizer state, so frozen weights cost no optimizer memory and no
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -106,12 +107,56 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (betas, decoupled weight decay) on the warmup+cosine schedule."""
+    """Global-norm clipping then AdamW (betas, decoupled weight decay) on the warmup+cosine schedule, each
+    parameter's update scaled by its `lr_mults` entry (`scale_by_path`)."""
     if cfg.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.lr}")
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    if cfg.lr_mults:
+        parts.append(scale_by_path(cfg.lr_mults))
     return optax.chain(*parts)
+
+
+def param_path(path) -> str:
+    """A pytree key path -> the dotted parameter name `lr_mults` patterns match ("connector.net.proj.kernel")."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue   # a Variable's own field (a state of Variables), not part of the parameter's name
+        names.append(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)))
+    return ".".join(names)
+
+
+def scale_by_path(mults) -> optax.GradientTransformation:
+    """Multiplies each update by the multiplier of the first `(regex, multiplier)` pair whose regex fully matches
+    its parameter's dotted path (`param_path`); 1 where none does. A pattern matching no trainable parameter is
+    a ConfigError (a misspelt path would otherwise change nothing), raised at `init`."""
+    compiled = []
+    for i, (pattern, mult) in enumerate(mults):
+        try:
+            compiled.append((re.compile(pattern), float(mult)))
+        except re.error as e:
+            raise ConfigError(f"optim.lr_mults[{i}]: {pattern!r} is not a regular expression ({e})") from None
+        if not float(mult) >= 0:
+            raise ConfigError(f"optim.lr_mults[{i}]: multiplier {mult!r} for {pattern!r} must be >= 0")
+
+    def mult_of(path) -> float:
+        name = param_path(path)
+        return next((m for rx, m in compiled if rx.fullmatch(name)), 1.0)
+
+    def init(params):
+        names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        unused = [rx.pattern for rx, _ in compiled if not any(rx.fullmatch(n) for n in names)]
+        if unused:
+            raise ConfigError(f"optim.lr_mults: {unused[0]!r} matches no trainable parameter; they are named like "
+                              f"{names[0]!r} ({len(names)} in all)")
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * jnp.asarray(mult_of(p), u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def split_microbatches(batch: Batch, n: int) -> Batch:
