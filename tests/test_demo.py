@@ -103,6 +103,7 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     assert cfg.data.weights == (4.0, 5.0, 2.0)        # the records each corpus kept (x EMPHASIS, 1 each)
     answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
     assert answer == [16, 12, 16, 16]                 # short answers: the part naming the sound / saying yes or no
+    assert all("--trim-unfinished" in g for g in gens)   # ... cut back to whole sentences, no EOS mid-sentence
     ma = next(g for g in gens if "balsa_ma" in g)
     assert f"recipe.max_clips={cfg.data.max_clips}" in ma   # every BALSa-MA record fits the run's audio slots
     desta = next(g for g in gens if "source.seed=10" in g)

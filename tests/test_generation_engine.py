@@ -246,6 +246,39 @@ def test_degenerate_echoed_unfinished_and_bad_items_are_counted(tmp_path, source
     assert sum(d["bad_data"]["bad"].get("prompt_too_long", 0) for d in dones) == N_RECORDS
 
 
+
+def test_trim_unfinished_cuts_a_cut_off_answer_back_to_its_whole_sentences(tmp_path, source, recipe, tiny_llm_dir):
+    """An answer cut at max_new_tokens ends mid-sentence and its target's EOS would follow the fragment: with
+    trim_unfinished it keeps its whole sentences (metadata.trimmed), or is dropped as 'unfinished' without one;
+    finished answers are left as they are. The setting is recorded only when on (older corpora still match)."""
+    seeds = {i: desta_seed_description(source[i][0]) for i in range(N_RECORDS)}
+
+    def script(prompt_text):
+        seed = prompt_text.split("[Begin of audio]\n", 1)[1].split("\n[End of audio]", 1)[0]
+        i = next(k for k, s in seeds.items() if s == seed)
+        if i == 0:
+            return Response("The main sound is a **Bell**. It rings twice and", NEW_TOKENS, False)
+        if i == 1:
+            return Response("A bell rings and then", NEW_TOKENS, False)        # no whole sentence: dropped
+        return Response(f"Answer {i}. More", 4, True)                           # finished: kept whole
+
+    kw = dict(batch_size=BATCH, max_new_tokens=NEW_TOKENS, max_prompt_tokens=256)
+    out = tmp_path / "trimmed"
+    generate_corpus(out, source, recipe, _ScriptedGenerator(tiny_llm_dir, script, **kw), n_records=N_RECORDS,
+                    records_per_shard=PER_SHARD, trim_unfinished=True)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["filtered"] == 1 and manifest["settings"]["trim_unfinished"] is True
+    kept = _by_item(out)
+    assert sorted(kept) == [i for i in range(N_RECORDS) if i != 1]
+    assert kept[0].messages[-1]["content"] == "The main sound is a **Bell**."
+    assert kept[0].metadata["trimmed"] is True and "trimmed" not in kept[2].metadata
+    assert all(kept[i].messages[-1]["content"] == f"Answer {i}. More" for i in kept if i)
+    plain = tmp_path / "plain"
+    generate_corpus(plain, source, recipe, _ScriptedGenerator(tiny_llm_dir, script, **kw), n_records=N_RECORDS,
+                    records_per_shard=PER_SHARD)
+    assert "trim_unfinished" not in json.load(open(plain / "manifest.json"))["settings"]
+    assert _by_item(plain)[1].messages[-1]["content"] == "A bell rings and then"
+
 def test_generator_settings_are_checked(tiny_llm_dir, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         ResponseGenerator(tiny_llm_dir, batch_size=0)

@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -227,10 +228,10 @@ class _ShardRecords:
 
     def __init__(self, source, recipe, generator: ResponseGenerator, records_per_shard: int, n_records: int,
                  audio_format: str, drop_unfinished: bool, out_dir: str | os.PathLike | None = None,
-                 on_shard=None):
+                 on_shard=None, trim_unfinished: bool = False):
         self.source, self.recipe, self.generator = source, recipe, generator
         self.records_per_shard, self.n_records = records_per_shard, n_records
-        self.audio_format, self.drop_unfinished = audio_format, drop_unfinished
+        self.audio_format, self.drop_unfinished, self.trim_unfinished = audio_format, drop_unfinished, trim_unfinished
         self.out_dir, self.on_shard = out_dir, on_shard
         self._accepts = getattr(recipe, "accepts", None)
         self._cache: dict[int, Record | None | Exception] = {}
@@ -342,7 +343,8 @@ class _ShardRecords:
     def _rejection(self, item, outputs: list[Response]) -> tuple[str | None, Any]:
         """`(reason to drop, None)` or `(None, target)`: the recipe's verdict (`finalize`, or `accepts` for a
         recipe without it), then the engine's own checks on the target (no letter or digit: 'degenerate';
-        the last answer cut at max_new_tokens with `drop_unfinished`: 'unfinished')."""
+        the last answer cut at max_new_tokens: with `drop_unfinished` dropped as 'unfinished', with
+        `trim_unfinished` cut back to its whole sentences (`whole_sentences`; 'unfinished' when it has none)."""
         finalize = getattr(self.recipe, "finalize", None)
         if finalize is not None:
             target = finalize(item, outputs, self._count_tokens)
@@ -355,8 +357,11 @@ class _ShardRecords:
                 return "rejected_by_recipe", None
         if is_degenerate(text):
             return "degenerate", None
-        if self.drop_unfinished and not outputs[-1].finished:
-            return "unfinished", None
+        if not outputs[-1].finished and (self.drop_unfinished or self.trim_unfinished):
+            text = None if self.drop_unfinished else whole_sentences(text)
+            if text is None:
+                return "unfinished", None
+            metadata["trimmed"] = True
         return None, (text, metadata)
 
     def _count_tokens(self, text: str) -> int:
@@ -379,6 +384,17 @@ class _ShardRecords:
             return e
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"'*)\]]*(?=\s|$)")
+
+
+def whole_sentences(text: str) -> str | None:
+    """`text` up to the end of its last complete sentence (`.`, `!` or `?`, with closing quotes, brackets or
+    markdown stars, then a space or the end), or None when it has none. An answer cut at the token limit
+    otherwise ends mid-sentence, and its target would teach the ALM to stop there (the EOS follows it)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else None
+
+
 def _describe(value: Any) -> Any:
     """A JSON-able, short description of an option value (long values by their sha256)."""
     import hashlib
@@ -397,12 +413,14 @@ def _public_options(obj: Any) -> dict[str, Any]:
 
 
 def generation_settings(source, recipe, generator, *, audio_format: str = "flac",
-                        drop_unfinished: bool = False) -> dict[str, Any]:
+                        drop_unfinished: bool = False, trim_unfinished: bool = False) -> dict[str, Any]:
     """What makes the records of a generated corpus, as recorded in its layout.json (see the module doc):
     the recipe (id and public options, long ones by hash), the generator (name, sampling, token limits,
-    stop strings), the source (type and public options), the audio format and `drop_unfinished`."""
+    stop strings), the source (type and public options), the audio format, `drop_unfinished` and, when set,
+    `trim_unfinished` (absent otherwise, so corpora made before it keep their settings)."""
     sampling = getattr(generator, "sampling", None)
     return {
+        **({"trim_unfinished": True} if trim_unfinished else {}),
         "recipe": getattr(recipe, "recipe_id", type(recipe).__name__), "recipe_options": _public_options(recipe),
         "generator": getattr(generator, "name", type(generator).__name__),
         "sampling": ({k: _describe(v) for k, v in dataclasses.asdict(sampling).items()}
@@ -420,7 +438,7 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
                     max_prompt_tokens: int = 512, prompt_bucket: int = 64, dtype=jnp.float32,
                     process_index: int = 0, process_count: int = 1, audio_format: str = "flac",
                     drop_unfinished: bool = False, on_shard=None, settings: dict[str, Any] | None = None,
-                    **write_options: Any) -> list[dict[str, Any]]:
+                    trim_unfinished: bool = False, **write_options: Any) -> list[dict[str, Any]]:
     """Write this process's shards of a self-generated corpus; returns their `.done` stats (see `write_corpus`).
 
     source: `source[i] -> (ClipMeta, waveform)` with `len`; recipe: has `item_for(i, source) ->
@@ -429,6 +447,7 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
     and dtype are its own).
     `write_options` go to `write_corpus` (writer_options, max_bad_fraction, min_seen, verify_existing,
     finalize, resume_command). on_shard(stats): called after each shard this call generates (progress).
+    drop_unfinished / trim_unfinished: what happens to an answer cut at max_new_tokens (`_ShardRecords`).
     Per-shard stats land in `out_dir/generation/`; `generation_report(out_dir)` sums them once the corpus
     is finished. settings: what the corpus records as its settings (default `generation_settings(...)`); a
     rerun into `out_dir` with other settings raises `DataError` kind `settings_mismatch` before any model
@@ -443,9 +462,9 @@ def generate_corpus(out_dir: str | os.PathLike, source, recipe, llm_dir: str | o
         raise ConfigError(f"generation: records_per_shard must be a positive int, got {records_per_shard!r}")
     if settings is None:
         settings = generation_settings(source, recipe, generator, audio_format=audio_format,
-                                       drop_unfinished=drop_unfinished)
+                                       drop_unfinished=drop_unfinished, trim_unfinished=trim_unfinished)
     record_fn = _ShardRecords(source, recipe, generator, records_per_shard, n_records, audio_format, drop_unfinished,
-                              out_dir, on_shard)
+                              out_dir, on_shard, trim_unfinished=trim_unfinished)
     return write_corpus(out_dir, record_fn, n_records, records_per_shard, process_index, process_count,
                         settings=settings, **write_options)
 

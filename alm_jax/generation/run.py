@@ -66,6 +66,8 @@ def resume_command(args, over: dict[str, dict[str, Any]]) -> str:
         parts += ["--stop", stop]
     if args.drop_unfinished:
         parts.append("--drop-unfinished")
+    if args.trim_unfinished:
+        parts.append("--trim-unfinished")
     parts += [f"{prefix}.{k}={json.dumps(v)}" for prefix in PREFIXES for k, v in sorted(over[prefix].items())]
     parts += ["--out", args.out]
     return " ".join(p if p == "alm generate" else _quote(p) for p in parts)
@@ -79,7 +81,8 @@ def cli_settings(args, over: dict[str, dict[str, Any]], sampling) -> dict[str, A
             "source_options": over["source"], "llm": llm, "backend": args.backend,
             "sampling": dataclasses.asdict(sampling), "max_new_tokens": args.max_new_tokens,
             "max_prompt_tokens": args.max_prompt_tokens, "stop": list(args.stop),
-            "drop_unfinished": bool(args.drop_unfinished)}
+            "drop_unfinished": bool(args.drop_unfinished),
+            **({"trim_unfinished": True} if args.trim_unfinished else {})}   # absent when off: older corpora match
 
 
 def check_out_dir(args, settings: dict[str, Any]) -> None:
@@ -192,7 +195,8 @@ def run_generate(args) -> dict:
     progress = Progress(len(mine), done).start()
     stats = generate_corpus(args.out, source, recipe, generator, n_records=args.n,
                             records_per_shard=args.records_per_shard, process_index=pi, process_count=pc,
-                            drop_unfinished=args.drop_unfinished, on_shard=progress, finalize=False,
+                            drop_unfinished=args.drop_unfinished, trim_unfinished=args.trim_unfinished,
+                            on_shard=progress, finalize=False,
                             settings=settings, resume_command=command)
     if progress.tty:
         sys.stderr.write("\n")
@@ -224,6 +228,9 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="recipe draws and sampling randomness")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--drop-unfinished", action="store_true", help="drop answers cut off at --max-new-tokens")
+    g.add_argument("--trim-unfinished", action="store_true",
+                   help="cut an answer cut off at --max-new-tokens back to its last whole sentence (dropped as "
+                        "'unfinished' when it has none), so no target ends mid-sentence")
     g.add_argument("--fsdp", type=int, default=1, help="shard the LLM's parameters over this many local devices")
     g.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree over local devices")
     g.add_argument("--distributed", default="auto", choices=["auto", "off", "explicit"])
