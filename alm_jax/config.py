@@ -57,7 +57,9 @@ class ConnectorConfig:
     intermediate: int = 0    # FFN width; 0: the kind's default (desta: 3072, DeSTA2.5's BertConfig
                              # intermediate_size, whatever `hidden`; alarm_ca fusion: 4 * hidden)
     adapter_dim: int = 1024
-    norm: Literal["layer", "batch"] = "layer"
+    norm: Literal["layer", "batch"] = "layer"   # alarm: the conv adapters' norm; desta: the norm before the LLM
+                             # projection, layer = DeSTA2.5's LayerNorm, batch = BatchNorm per query and channel
+                             # over a batch's clips (ours: the tokens' shared part only in learned biases)
     perceiver_latents: int = 20
     # ALARM (Blinorot/ALARM alarm_ca.yaml / alarm_p.yaml; published values are the defaults)
     adapters: tuple[Literal["batch", "layer", "mlp", "identity"], ...] = ()   # per encoder (model.encoders order)

@@ -504,3 +504,31 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert _maxdiff(_run(layer, x, mem), _run(layer, x, mem)) > 1e-4
     layer.eval()
     assert _maxdiff(_run(layer, x, mem), _run(layer, x, mem)) == 0.0
+
+
+def test_qformer_batch_norm_centres_each_query_channel_over_the_clips_of_a_batch():
+    """`norm: batch` (ours): the projection's input is BatchNorm over the batch's clips per (query, channel), so
+    a fresh projection (bias 0) gives tokens whose mean over the valid clips is 0 for every query and channel:
+    the connector's constant part lives only in learned biases. Empty slots (`clip_mask` False) do not count in
+    the statistics; eval mode normalizes with the running statistics, each clip alone."""
+    cfg = dataclasses.replace(QCFG, proj_norm="batch")
+    net = QFormerConnector(cfg, rngs=nnx.Rngs(0))
+    assert float(np.abs(np.asarray(net.proj.bias[...])).max()) == 0.0
+    rng = np.random.default_rng(0)
+    states = [jnp.asarray(rng.standard_normal((6, 10, cfg.enc_dim)), jnp.float32) for _ in range(5)]
+    valid = jnp.asarray([True, True, True, True, False, True])
+    tokens = np.asarray(net(states, clip_mask=valid))                      # [6, queries, llm_dim]
+    kept = tokens[np.asarray(valid)]
+    np.testing.assert_allclose(kept.mean(0), 0.0, atol=1e-4)
+    assert kept.std(0).mean() > 0.1                                       # the clips still differ
+    layer = QFormerConnector(QCFG, rngs=nnx.Rngs(0))(states)               # DeSTA's LayerNorm: a shared part
+    assert np.abs(np.asarray(layer).mean(0)).mean() > 0.1
+    running = np.asarray(net.proj_norm.mean[...])
+    assert np.abs(running).max() > 0                                       # training updated the statistics
+    net.eval()
+    alone = np.asarray(net([s[:1] for s in states]))
+    together = np.asarray(net(states))
+    np.testing.assert_allclose(alone[0], together[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(net.proj_norm.mean[...]), running)   # eval leaves them as they are
+    with pytest.raises(WeightImportError, match="norm=layer"):                   # DeSTA's weights hold a LayerNorm
+        load_bert_qformer_weights(net, {})

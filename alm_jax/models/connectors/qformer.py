@@ -27,7 +27,7 @@ from alm_jax.config import ConnectorConfig
 from alm_jax.errors import ConfigError, WeightImportError
 from alm_jax.models.connectors.base import Connector, EncoderInfo, TokenRule
 from alm_jax.models.connectors.common import (
-    MultiHeadAttention, apply_dropout, check_last_dim, gelu, make_dropout, select_taps)
+    BatchNorm1d, MultiHeadAttention, apply_dropout, check_last_dim, gelu, make_dropout, select_taps)
 from alm_jax.models.layers import LayerNorm, Linear, param
 from alm_jax.models.stack import check_remat, make_stack, run_stack, scanned_size, stack_length
 from alm_jax.sharding import constrain
@@ -56,6 +56,8 @@ class QFormerConfig:
     dropout: float = 0.1         # BERT hidden_dropout_prob
     attention_dropout: float = 0.1
     query_init_std: float = 1.0  # torch.randn in DeSTA
+    proj_norm: str = "layer"     # the norm before the LLM projection: layer (DeSTA) | batch (per query and
+                                 # channel over the clips of a batch, ours: see QFormerConnector)
 
     @property
     def n_taps(self) -> int:
@@ -131,12 +133,16 @@ class QFormerConnector(nnx.Module):
         self.layer_weights = param(jnp.zeros((cfg.n_queries, cfg.n_taps), param_dtype), ("queries", "taps"))
         self.qformer = QFormerStack(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
                                     remat=remat)
-        self.proj_norm = LayerNorm(cfg.hidden, eps=cfg.proj_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if cfg.proj_norm == "batch":
+            self.proj_norm = BatchNorm1d(cfg.n_queries * cfg.hidden, eps=cfg.proj_norm_eps, dtype=dtype,
+                                         param_dtype=param_dtype)
+        else:
+            self.proj_norm = LayerNorm(cfg.hidden, eps=cfg.proj_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.proj = Linear(cfg.hidden, cfg.llm_dim, axes=("conn_embed", "conn_embed"), use_bias=True,
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, hidden_states: Sequence[jax.Array] | jax.Array,
-                 enc_mask: jax.Array | None = None) -> jax.Array:
+                 enc_mask: jax.Array | None = None, clip_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         taps = select_taps(hidden_states, cfg.taps, "QFormerConnector")
         check_last_dim(taps[0], cfg.enc_dim, "QFormerConnector")
@@ -148,7 +154,11 @@ class QFormerConnector(nnx.Module):
         out = self.qformer(q, enc, mask).reshape(b, cfg.n_taps, cfg.n_queries, cfg.hidden)
         w = jax.nn.softmax(self.layer_weights[...].astype(jnp.float32), axis=-1)  # [queries, taps]
         mixed = jnp.einsum("btqh,qt->bqh", out.astype(jnp.float32), w).astype(self.dtype)
-        return self.proj(self.proj_norm(mixed))
+        if cfg.proj_norm == "batch":   # each (query, channel) centred over the batch's clips (`clip_mask` [b])
+            normed = self.proj_norm(mixed.reshape(b, -1), clip_mask).reshape(mixed.shape).astype(self.dtype)
+        else:
+            normed = self.proj_norm(mixed)
+        return self.proj(normed)
 
     @property
     def n_tokens(self) -> int:
@@ -220,6 +230,9 @@ def load_bert_qformer_weights(module: QFormerStack | QFormerConnector, state_dic
     its stacked parameters. Values may be torch tensors or arrays. A missing, unexpected or mis-shaped key
     raises `WeightImportError` naming it.
     """
+    if isinstance(module, QFormerConnector) and module.cfg.proj_norm != "layer":
+        raise WeightImportError(f"DeSTA checkpoints hold a LayerNorm before the projection, this connector a "
+                                f"{module.cfg.proj_norm} norm: build it with model.connector.norm=layer to import them")
     table = _weight_table(module)
     given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     missing = sorted(set(table) - set(given))
@@ -292,13 +305,13 @@ class DestaConnector(Connector):
                               "first (DestaConnector.resolve_config; build_alm does it) or set explicitly")
         qcfg = QFormerConfig(taps=enc.taps, n_queries=cc.num_queries, hidden=hidden, heads=cc.num_heads,
                              intermediate=cc.intermediate or DESTA_INTERMEDIATE, layers=cc.num_layers, enc_dim=enc.dim,
-                             llm_dim=llm_dim, dropout=cc.dropout, attention_dropout=cc.dropout)
+                             llm_dim=llm_dim, dropout=cc.dropout, attention_dropout=cc.dropout, proj_norm=cc.norm)
         self.encoder_taps = (enc.taps,)
         self.net = QFormerConnector(qcfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
                                     remat=remat)
 
     def __call__(self, states: Sequence[Sequence[jax.Array]], audio_samples: jax.Array) -> jax.Array:
-        return self.net(states[0])
+        return self.net(states[0], clip_mask=audio_samples > 0)
 
     def output_projection(self) -> Linear:
         return self.net.proj
