@@ -260,6 +260,8 @@ def test_trim_unfinished_cuts_a_cut_off_answer_back_to_its_whole_sentences(tmp_p
             return Response("The main sound is a **Bell**. It rings twice and", NEW_TOKENS, False)
         if i == 1:
             return Response("A bell rings and then", NEW_TOKENS, False)        # no whole sentence: dropped
+        if i == 3:   # the recipe judges the trimmed text: the cut-off fragment's seed markup goes with it
+            return Response("A bell rings. [00:00-00:04] (Audio category", NEW_TOKENS, False)
         return Response(f"Answer {i}. More", 4, True)                           # finished: kept whole
 
     kw = dict(batch_size=BATCH, max_new_tokens=NEW_TOKENS, max_prompt_tokens=256)
@@ -272,12 +274,14 @@ def test_trim_unfinished_cuts_a_cut_off_answer_back_to_its_whole_sentences(tmp_p
     assert sorted(kept) == [i for i in range(N_RECORDS) if i != 1]
     assert kept[0].messages[-1]["content"] == "The main sound is a **Bell**."
     assert kept[0].metadata["trimmed"] is True and "trimmed" not in kept[2].metadata
-    assert all(kept[i].messages[-1]["content"] == f"Answer {i}. More" for i in kept if i)
+    assert kept[3].messages[-1]["content"] == "A bell rings." and kept[3].metadata["trimmed"] is True
+    assert all(kept[i].messages[-1]["content"] == f"Answer {i}. More" for i in kept if i not in (0, 3))
     plain = tmp_path / "plain"
     generate_corpus(plain, source, recipe, _ScriptedGenerator(tiny_llm_dir, script, **kw), n_records=N_RECORDS,
                     records_per_shard=PER_SHARD)
     assert "trim_unfinished" not in json.load(open(plain / "manifest.json"))["settings"]
     assert _by_item(plain)[1].messages[-1]["content"] == "A bell rings and then"
+    assert 3 not in _by_item(plain)                                            # untrimmed, it echoes the markup
 
 def test_generator_settings_are_checked(tiny_llm_dir, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):

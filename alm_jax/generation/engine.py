@@ -341,10 +341,17 @@ class _ShardRecords:
         os.replace(tmp, path)
 
     def _rejection(self, item, outputs: list[Response]) -> tuple[str | None, Any]:
-        """`(reason to drop, None)` or `(None, target)`: the recipe's verdict (`finalize`, or `accepts` for a
-        recipe without it), then the engine's own checks on the target (no letter or digit: 'degenerate';
-        the last answer cut at max_new_tokens: with `drop_unfinished` dropped as 'unfinished', with
-        `trim_unfinished` cut back to its whole sentences (`whole_sentences`; 'unfinished' when it has none)."""
+        """`(reason to drop, None)` or `(None, target)`. With `trim_unfinished`, a last answer cut at
+        max_new_tokens is first cut back to its whole sentences (`whole_sentences`; 'unfinished' when it has
+        none), so the recipe judges the text that becomes the target. Then the recipe's verdict (`finalize`, or
+        `accepts` for a recipe without it) and the engine's own checks on the target (no letter or digit:
+        'degenerate'; cut at max_new_tokens with `drop_unfinished`: 'unfinished')."""
+        trimmed = self.trim_unfinished and not self.drop_unfinished and not outputs[-1].finished
+        if trimmed:
+            whole = whole_sentences(outputs[-1].text)
+            if whole is None:
+                return "unfinished", None
+            outputs = [*outputs[:-1], dataclasses.replace(outputs[-1], text=whole)]
         finalize = getattr(self.recipe, "finalize", None)
         if finalize is not None:
             target = finalize(item, outputs, self._count_tokens)
@@ -357,10 +364,9 @@ class _ShardRecords:
                 return "rejected_by_recipe", None
         if is_degenerate(text):
             return "degenerate", None
-        if not outputs[-1].finished and (self.drop_unfinished or self.trim_unfinished):
-            text = None if self.drop_unfinished else whole_sentences(text)
-            if text is None:
-                return "unfinished", None
+        if self.drop_unfinished and not outputs[-1].finished:
+            return "unfinished", None
+        if trimmed:
             metadata["trimmed"] = True
         return None, (text, metadata)
 
