@@ -61,8 +61,9 @@ def main() -> None:
         model, toks, pooled = run.model, [], []
         for s in range(0, args.clips, args.batch):
             a, n = jnp.asarray(audio[s:s + args.batch]), jnp.asarray(samples[s:s + args.batch])
-            toks.append(np.asarray(model.audio_tokens(a, n), np.float64))
-            last = np.asarray([x for x in model.encoder_states(0, a, None, n) if x is not None][-1], np.float64)
+            states = model.encoder_states(0, a, None, n)   # Whisper once: the connector and the readout share it
+            toks.append(np.asarray(model.connector([states], n), np.float64))
+            last = np.asarray([x for x in states if x is not None][-1], np.float64)
             frames = np.ceil(samples[s:s + args.batch] / audio.shape[1] * last.shape[1])
             valid = (np.arange(last.shape[1])[None] < frames[:, None])[..., None]
             pooled.append((last * valid).sum(1) / valid.sum(1))

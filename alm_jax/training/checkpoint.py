@@ -75,7 +75,8 @@ def abstract_with_shardings(tree, shardings=None):
     return jax.tree.map(one, tree, shardings)
 
 
-def _key_str(k) -> str:
+def key_name(k) -> str:
+    """One pytree key's name in a dotted parameter path (a dict key, an attribute name or an index)."""
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
@@ -85,7 +86,7 @@ def _key_str(k) -> str:
 def _leaf_table(tree) -> dict[str, Any]:
     """'a.b.0.c' -> leaf, for every non-None leaf (the dotted names Orbax uses in its metadata)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-    return {".".join(_key_str(k) for k in path): leaf for path, leaf in leaves if leaf is not None}
+    return {".".join(key_name(k) for k in path): leaf for path, leaf in leaves if leaf is not None}
 
 
 def _is_prng_key(dtype) -> bool:
@@ -641,5 +642,5 @@ def read_learned(directory: str | Path, step: int | None, prefixes) -> tuple[dic
                               f"{type(e).__name__}: {e}") from e
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
-        found[names[tuple(_key_str(k) for k in path)]] = np.asarray(leaf)
+        found[names[tuple(key_name(k) for k in path)]] = np.asarray(leaf)
     return found, step

@@ -19,6 +19,7 @@ from flax import nnx, struct
 from alm_jax.config import OptimConfig
 from alm_jax.errors import ConfigError
 from alm_jax.models.alm import RUNNING_STATE
+from alm_jax.training.checkpoint import key_name
 from alm_jax.training.loss import blocked_cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -124,7 +125,7 @@ def param_path(path) -> str:
     for k in path:
         if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
             continue   # a Variable's own field (a state of Variables), not part of the parameter's name
-        names.append(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)))
+        names.append(key_name(k))
     return ".".join(names)
 
 
