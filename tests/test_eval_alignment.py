@@ -19,6 +19,22 @@ def test_read_label():
     assert read_label("sirens", labels) == "siren" and read_label("asiren", labels) is None   # whole words
 
 
+def test_read_label_by_noun():
+    from alm_jax.audio.synth import EVENT_LABELS, EVENT_NOUNS
+    from alm_jax.evaluation.alignment import read_label
+    labels = list(EVENT_LABELS)
+    assert set(EVENT_NOUNS.values()) <= set(labels) and "beep" not in EVENT_NOUNS and "noise" not in EVENT_NOUNS
+    read = lambda text: read_label(text, labels, EVENT_NOUNS)
+    assert read("The main sound in this audio clip is a clock.") == "clock ticking"   # read as None without nouns
+    assert read("a barking dog") == "dog bark" and read("a gentle stream of water") == "water drip"
+    assert read("Birds and a drum") == "bird chirp"                   # plural; the first named wins
+    assert read("a waterfall") is None and read("a drummer") is None   # never inside a longer word
+    assert read("a bird chirp") == "bird chirp" and read("a high beep, then a bell") == "high beep"
+    assert read("a beep") is None and read("a gentle voice") is None  # a shared noun names no class
+    assert read_label("a clock", labels) is None                       # nouns only where given
+    assert read_label("a dog", ["siren"], EVENT_NOUNS) is None         # ... and only for the labels asked about
+
+
 def test_suite_on_a_tiny_alm(tiny, tmp_path):
     from alm_jax.config import SuiteConfig
     from alm_jax.evaluation import EVALUATORS

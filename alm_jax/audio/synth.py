@@ -302,29 +302,32 @@ def bird_chirp(duration: float, sample_rate: int, rng: np.random.Generator) -> n
 
 @dataclasses.dataclass(frozen=True)
 class EventClass:
-    """One synthetic sound class: its label, a caption phrase ('a dog barks') and its generator."""
+    """One synthetic sound class: its label, a caption phrase ('a dog barks'), its generator, and the noun that
+    names it alone ('dog': "a barking dog"; "" when the noun is shared, as "beep" by the three beeps)."""
     label: str
     phrase: str
     generate: EventFn
+    noun: str = ""
 
 
 EVENT_CLASSES: dict[str, EventClass] = {c.label: c for c in (
-    EventClass("siren", "a siren wails", siren),
-    EventClass("dog bark", "a dog barks", dog_bark),
+    EventClass("siren", "a siren wails", siren, "siren"),
+    EventClass("dog bark", "a dog barks", dog_bark, "dog"),
     EventClass("low beep", "a low-pitched beep repeats", beep_low),
     EventClass("mid beep", "a mid-pitched beep repeats", beep_mid),
     EventClass("high beep", "a high-pitched beep repeats", beep_high),
     EventClass("white noise", "a burst of white noise hisses", white_noise),
     EventClass("pink noise", "a burst of pink noise rushes", pink_noise),
-    EventClass("clock ticking", "a clock ticks", clock_ticking),
-    EventClass("major chord", "a major chord sounds", major_chord),
-    EventClass("drum hit", "a drum is hit", drum_hit),
-    EventClass("engine hum", "an engine hums", engine_hum),
-    EventClass("bell", "a bell rings", bell),
-    EventClass("water drip", "water drips", water_drip),
-    EventClass("bird chirp", "a bird chirps", bird_chirp),
+    EventClass("clock ticking", "a clock ticks", clock_ticking, "clock"),
+    EventClass("major chord", "a major chord sounds", major_chord, "chord"),
+    EventClass("drum hit", "a drum is hit", drum_hit, "drum"),
+    EventClass("engine hum", "an engine hums", engine_hum, "engine"),
+    EventClass("bell", "a bell rings", bell, "bell"),
+    EventClass("water drip", "water drips", water_drip, "water"),
+    EventClass("bird chirp", "a bird chirps", bird_chirp, "bird"),
 )}
 EVENT_LABELS: tuple[str, ...] = tuple(EVENT_CLASSES)
+EVENT_NOUNS: dict[str, str] = {c.noun: c.label for c in EVENT_CLASSES.values() if c.noun}   # noun -> label
 
 
 def loudness_rms(x: np.ndarray, sample_rate: int) -> float:

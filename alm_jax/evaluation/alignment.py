@@ -17,7 +17,10 @@ greedy answers:
 
 Each answer reads as the sound class it names first (`read_label` over the source's event classes:
 whole words, a word may carry a suffix and words may be joined by a hyphen, so "dogs barking" and
-"high-beep" read as `dog bark` and `high beep`; None when it names none). The question is open because
+"high-beep" read as `dog bark` and `high beep`; a class's own noun alone names it too, so "a clock", "a
+barking dog" and "a stream of water" read as `clock ticking`, `dog bark`, `water drip` (`synth.EVENT_NOUNS`;
+the beeps and noises share theirs and need their full name); None when it names none). The three answers
+are read alike, so the reader moves the ALM, the backbone and the baseline together. The question is open because
 SmolLM2-135M, given the seed description, mostly copies the description's markup when asked to choose
 among listed options (measured: 2-4 of 16 answers readable), while it names the main sound when asked
 openly. Metrics (percent): `agreement` (ALM and backbone read the same class), `baseline` (the no-audio
@@ -33,6 +36,7 @@ Per-item answers are in `details`.
 
 from __future__ import annotations
 
+from alm_jax.audio.synth import EVENT_NOUNS
 from alm_jax.config import SuiteConfig, TrainConfig
 from alm_jax.data.records import Record
 from alm_jax.data.seed_descriptions import desta_seed_description
@@ -63,6 +67,7 @@ class AlignmentSuite(GenerationSuite):
                             sample_rate=self.answerer.sample_rate, min_duration=min(2.0, longest),
                             max_duration=longest)
         self.vocabulary = sorted(source.label_vocabulary)
+        self.nouns = {noun: label for noun, label in EVENT_NOUNS.items() if label in self.vocabulary}
         n = min(suite.limit or suite.clips, suite.clips)
         self.items, self.records, self.skipped = [], [], 0
         for i in range(n):
@@ -86,7 +91,7 @@ class AlignmentSuite(GenerationSuite):
     def run(self, model) -> dict[str, float]:
         rows = []
         for it, (a, t, b) in zip(self.items, self.reference.compare(model, self.records, self.bare, self.progress)):
-            read = {k: read_label(v, self.vocabulary) for k, v in (("alm", a), ("backbone_text", t), ("no_audio", b))}
+            read = {k: read_label(v, self.vocabulary, self.nouns) for k, v in (("alm", a), ("backbone_text", t), ("no_audio", b))}
             rows.append({**it, "alm": a, "backbone_text": t, "no_audio": b, "read": read})
         pct = lambda flags: 100.0 * sum(flags) / len(flags)
         agree = lambda who: pct([r["read"][who] is not None and r["read"][who] == r["read"]["backbone_text"]

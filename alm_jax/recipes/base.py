@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -139,16 +139,21 @@ def hint_head(hint: str) -> str:
     return " ".join(hint.split()[:4]).split("{")[0].strip().lower()
 
 
-def read_label(text: str, labels: Sequence[str]) -> str | None:
+def read_label(text: str, labels: Sequence[str], nouns: Mapping[str, str] | None = None) -> str | None:
     """The label `text` names first (case-insensitive whole words, each word may take a suffix, words joined
-    by spaces or hyphens; the longer label wins a tie), or None."""
+    by spaces or hyphens; the longer label wins a tie), or None. `nouns` ({noun: label}) also read a label from
+    its noun alone ("a clock", "a barking dog"), in the plural too ("birds") but never inside a longer word
+    ("waterfall"); a label named in full at the same place wins."""
     low = text.lower()
     best: tuple[int, int, str] | None = None
-    for label in labels:
-        words = [re.escape(w) + r"[a-z]*" for w in label.lower().split()]
-        m = re.search(r"(?<![a-z])" + r"[\s-]+".join(words) + r"(?![a-z])", low)
-        if m and (best is None or (m.start(), -len(label)) < best[:2]):
-            best = (m.start(), -len(label), label)
+    patterns = [(label, r"[\s-]+".join(re.escape(w) + r"[a-z]*" for w in label.lower().split()), len(label))
+                for label in labels]
+    patterns += [(label, re.escape(noun.lower()) + r"(?:e?s)?", 0) for noun, label in (nouns or {}).items()
+                 if label in labels]
+    for label, pattern, length in patterns:
+        m = re.search(r"(?<![a-z])" + pattern + r"(?![a-z])", low)
+        if m and (best is None or (m.start(), -length) < best[:2]):
+            best = (m.start(), -length, label)
     return best[2] if best else None
 
 
