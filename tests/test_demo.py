@@ -72,8 +72,9 @@ def fake_alm(tmp_path, monkeypatch):
     log = tmp_path / "argv.jsonl"
     monkeypatch.setattr(demo, "alm_command", lambda: [sys.executable, str(script)])
     monkeypatch.setenv("FAKE_LOG", str(log))
-    monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, heldout=2, steps=4,
-                                                          eval_every=2, eval_clips=2, final_clips=4, forgetting=2))
+    monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, heldout=2, naming_steps=4,
+                                                          steps=4, eval_every=2, eval_clips=2, final_clips=4,
+                                                          forgetting=2))
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -88,7 +89,7 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     from alm_jax.evaluation import check_suites
     assert run_demo(_args(tmp_path)) == 0
     calls = fake_alm()
-    assert [c[0] for c in calls] == ["models"] + ["generate"] * 4 + ["train"] + ["eval"] * 4 + ["export"] * 2
+    assert [c[0] for c in calls] == ["models"] + ["generate"] * 4 + ["train"] * 2 + ["eval"] * 4 + ["export"] * 2
     parser = build_parser()
     for argv in calls:
         parser.parse_args(argv)                       # every step is a valid `alm` command line
@@ -96,11 +97,22 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     assert [g[g.index("--recipe") + 1] for g in gens] == ["desta", "balsa", "balsa_ma", "desta"]
     seeds = [next(a for a in g if a.startswith("source.seed=")) for g in gens]
     assert len(set(seeds)) == 4 and "source.seed=1" not in seeds   # the suites' held-out seed is never trained on
-    train = next(c for c in calls if c[0] == "train")
-    cfg = load_config(DEMO_CONFIG, train[2:])
-    check_suites(cfg.eval)
-    assert cfg.steps == 4 and cfg.eval.every == 2 and len(cfg.data.corpus) == 3
-    assert cfg.data.weights == (4.0, 5.0, 2.0)        # the records each corpus kept (x EMPHASIS, 1 each)
+    out = tmp_path / "demo"
+    naming, train = (load_config(DEMO_CONFIG, c[2:]) for c in calls if c[0] == "train")
+    for cfg in (naming, train):
+        check_suites(cfg.eval)
+        assert cfg.steps == 4 and cfg.eval.every == 2 and cfg.model.connector.norm == "batch"
+    # stage 1 listens first: the naming records alone at a high lr, into its own directories
+    assert naming.data.corpus == (str(out / "corpus" / "desta"),) and naming.model.init_from == ()
+    assert naming.checkpoint.dir == str(out / "naming" / "checkpoints") and naming.optim.lr == 2e-3
+    # stage 2: the mix from stage 1's final connector, at a lower lr, DeSTA at twice its share (`EMPHASIS`)
+    cfg = train
+    assert len(cfg.data.corpus) == 3 and cfg.optim.lr < naming.optim.lr
+    assert cfg.data.weights == (8.0, 5.0, 2.0)        # the records each corpus kept x EMPHASIS (2, 1, 1)
+    (init,) = cfg.model.init_from
+    assert (init.run, init.step, init.map) == (naming.checkpoint.dir, 4, (("connector", "connector"),))
+    assert cfg.checkpoint.dir == str(out / "checkpoints") and cfg.logging.dir == str(out / "train")
+    train = [c for c in calls if c[0] == "train"][1]
     answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
     assert answer == [16, 12, 16, 16]                 # short answers: the part naming the sound / saying yes or no
     assert all("--trim-unfinished" in g for g in gens)   # ... cut back to whole sentences, no EOS mid-sentence
@@ -117,18 +129,22 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
         assert option in desta
     assert {c[c.index("--suite") + 1] for c in calls if c[0] == "eval"} == set(SUITES)
 
-    out = tmp_path / "demo"
     report = json.loads((out / "report.json").read_text())
     for key in ("hallucination.accuracy", "hallucination.no_f1", "hallucination.backbone_text_accuracy",
                 "hallucination.no_audio_accuracy", "multi_audio.accuracy", "forgetting.exact_match",
                 "alignment.agreement", "alignment.baseline", "train.steps", "train.seconds", "total_seconds"):
         assert key in report, key
-    assert report["train.steps"] == 4 and report["alignment.agreement"] == 60.0
+    assert report["train.steps"] == 8 and report["train.naming_steps"] == 4   # steps counted across the stages
+    assert report["alignment.agreement"] == 60.0
     assert report["train.listening_gap"] == 0.4 and report["train.heldout_loss_other_audio"] == 2.9   # the last eval
     assert "eval.listening_gap=true" in train
     lo, hi = report["multi_audio.ci95"]
     assert 50.0 < lo < 60.0 < hi < 70.0               # Wilson interval of 60 / 100
     assert report["corpus"]["balsa"] == {"items": 6, "records": 5, "filtered": {"rejected_by_recipe": 1}, "clips": None}
+    from alm_jax.demo.report import stage_starts, training_rows
+    rows = training_rows(out)                         # both stages, stage 2 counted on from stage 1's last step
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4, 6, 8] and stage_starts(rows) == [("mix", 4)]
     for png in ("loss.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
@@ -146,12 +162,13 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
 def test_a_failing_step_stops_the_chain_and_names_it(tmp_path, fake_alm, monkeypatch):
     from alm_jax.demo import run_demo
     monkeypatch.setenv("FAKE_FAIL", "train")
-    with pytest.raises(SystemExit, match="step 'train' failed"):
+    with pytest.raises(SystemExit, match="step 'train_naming' failed"):
         run_demo(_args(tmp_path))
     assert [c[0] for c in fake_alm()][-1] == "train"
     monkeypatch.delenv("FAKE_FAIL")
     assert run_demo(_args(tmp_path)) == 0              # the rerun continues from the failed step
-    assert [c[0] for c in fake_alm()].count("generate") == 4
+    calls = [c[0] for c in fake_alm()]
+    assert calls.count("generate") == 4 and calls.count("train") == 3
 
 
 def test_wilson_interval():

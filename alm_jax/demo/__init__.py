@@ -8,16 +8,19 @@ finished run only rewrites the report; a killed run continues where it stopped):
    SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined) and
    BALSa-MA corpora for training, and a small DeSTA corpus for the held-out loss. Each recipe reads its own
    source seed (10, 11, 12, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
-3. `alm train configs/demo.yaml`: frozen Whisper tiny.en -> DeSTA Q-Former -> frozen SmolLM2 on a
-   multi-device CPU mesh (8 fake devices, data parallel), with periodic held-out loss, hallucination and
-   alignment evaluation (the accuracy-vs-step plot);
+3. `alm train configs/demo.yaml` twice, on a multi-device CPU mesh (8 fake devices, data parallel): frozen Whisper
+   tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
+   `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3); stage 2
+   (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa and BALSa-MA mix at a
+   lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and alignment
+   evaluation (the accuracy-vs-step plot). One stage on the mix never listened (BENCHMARKS.md, probes E-J);
 4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
 5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
 6. the report (`demo.report`): `report.md`, `report.html`, `report.json`, `loss.png`, `accuracy.png`.
 
-Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 steps, measured 105 min on 2 cores, the goal is
-30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
+Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps; the one-stage 400-step demo took
+105 min on 2 cores, the goal is 30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
 corpus, batches, weights and greedy answers), so two runs give the same metrics.
 """
 
@@ -39,12 +42,13 @@ DEVICES = 8
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-    """How big a demo run is: records per corpus, training steps, evaluation sizes."""
+    """How big a demo run is: records per corpus, training steps of each stage, evaluation sizes."""
     desta: int
     balsa: int
     balsa_ma: int
     heldout: int
-    steps: int
+    naming_steps: int       # stage 1: the DeSTA naming records alone
+    steps: int              # stage 2: the mix, from stage 1's connector
     eval_every: int
     eval_clips: int         # periodic hallucination / alignment clips during training
     final_clips: int        # hallucination / multi_audio / alignment clips on the final checkpoint
@@ -53,10 +57,10 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, heldout=32, steps=400, eval_every=100, eval_clips=16,
-                     final_clips=100, forgetting=0),
-    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, steps=40, eval_every=20, eval_clips=6,
-                      final_clips=12, forgetting=4),
+    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, heldout=32, naming_steps=400, steps=200, eval_every=100,
+                     eval_clips=16, final_clips=100, forgetting=0),
+    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, naming_steps=20, steps=20, eval_every=10,
+                      eval_clips=6, final_clips=12, forgetting=4),
 }
 
 
@@ -102,10 +106,24 @@ def _checkpoint_done(ckpt: Path, steps: int) -> bool:
 
 
 TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
-# Mixing weight per kept record. Six full runs with noisy naming targets never listened; the DeSTA corpus is now as
-# clean as the BALSa one (below), so the two are drawn in proportion to what they kept (1,070 and 1,000 records in
-# the 2026-12-07 run, which did not listen either: README).
-EMPHASIS = {"desta": 1, "balsa": 1, "balsa_ma": 1}
+# Mixing weight per kept record in stage 2. DeSTA naming records are drawn at twice their share so that the mix keeps
+# what stage 1 learned (probe I: at 1:1 the naming faded within 120 steps; BENCHMARKS.md).
+EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One `alm train` run of the demo: its corpora, learning rate and directories under the run's `out`."""
+    name: str                   # the chain step (`timings.json`)
+    corpora: tuple[str, ...]
+    lr: float
+    dir: str                    # "" = `out` itself: `out/checkpoints`, `out/train`
+
+
+# Stage 1 listens first: on the naming records alone, BatchNorm and lr 2e-3 named 7 of 12 unseen single-event clips
+# after 400 one-device steps (probe G); lr 3e-4, or the same settings on the mix, never did (probes E, H).
+NAMING = Stage("train_naming", ("desta",), 2e-3, "naming")
+MIX = Stage("train", TRAIN_CORPORA, 5e-4, "")
 # Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
 # ("a waterfall" for a drip) after the part that names the sound or says yes/no; the demo keeps that part: "The most
 # prominent sound in this clip is the **Drum Hit** sound." fits 16 tokens, "Yes, the audio clip contains a siren."
@@ -129,18 +147,32 @@ def kept_records(corpus: Path) -> int:
     return json.loads((corpus / "manifest.json").read_text())["total_records"]
 
 
-def train_overrides(out: Path, size: DemoSize, seed: int) -> list[str]:
-    """`alm train configs/demo.yaml` overrides of a demo run (corpora mixed by records kept x `EMPHASIS`)."""
-    corpora = ",".join(str(out / "corpus" / r) for r in TRAIN_CORPORA)
-    weights = ",".join(str(max(kept_records(out / "corpus" / r), 1) * EMPHASIS[r]) for r in TRAIN_CORPORA)
+def stage_steps(stage: Stage, size: DemoSize) -> int:
+    return size.naming_steps if stage is NAMING else size.steps
+
+
+def checkpoint_dir(out: Path, stage: Stage) -> Path:
+    return out / stage.dir / "checkpoints"
+
+
+def train_overrides(out: Path, size: DemoSize, seed: int, stage: Stage = MIX) -> list[str]:
+    """`alm train configs/demo.yaml` overrides of one stage of a demo run (corpora mixed by records kept x
+    `EMPHASIS`; stage 2 starts from stage 1's final connector)."""
+    steps = stage_steps(stage, size)
+    corpora = ",".join(str(out / "corpus" / r) for r in stage.corpora)
+    weights = ",".join(str(max(kept_records(out / "corpus" / r), 1) * EMPHASIS[r]) for r in stage.corpora)
     suites = (f"[{{name: hallucination, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 8, baselines: false}}, "
               f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 16}}]")
-    return [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
-            f"checkpoint.dir={out / 'checkpoints'}", f"logging.dir={out / 'train'}", f"steps={size.steps}",
-            f"optim.total_steps={size.steps}", f"data.batch_size={size.batch_size}", f"seed={seed}",
-            f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
+    argv = [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
+            f"checkpoint.dir={checkpoint_dir(out, stage)}", f"logging.dir={out / stage.dir / 'train'}",
+            f"steps={steps}", f"optim.total_steps={steps}", f"optim.lr={stage.lr}", f"data.batch_size={size.batch_size}",
+            f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
             "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
             f"checkpoint.every={size.eval_every}", "resume=auto"]
+    if stage is MIX:
+        argv.append(f"model.init_from=[{{run: {checkpoint_dir(out, NAMING)}, step: {size.naming_steps}, "
+                    "map: {connector: connector}}]")
+    return argv
 
 
 def run_demo(args) -> int:
@@ -168,10 +200,11 @@ def run_demo(args) -> int:
                    ["generate", "--recipe", recipe, "--n", str(n), "--seed", str(seed), "--out", str(path),
                     "--max-new-tokens", str(ANSWER_TOKENS[name])] + gen
                    + [f"source.seed={seed}", "source.max_duration=6.0"] + extra)
-    ckpt = out / "checkpoints"
     xla = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
-    chain.step("train", _checkpoint_done(ckpt, size.steps),
-               ["train", str(DEMO_CONFIG)] + train_overrides(out, size, args.seed), env={"XLA_FLAGS": xla})
+    for stage in (NAMING, MIX):
+        chain.step(stage.name, _checkpoint_done(checkpoint_dir(out, stage), stage_steps(stage, size)),
+                   ["train", str(DEMO_CONFIG)] + train_overrides(out, size, args.seed, stage), env={"XLA_FLAGS": xla})
+    ckpt = checkpoint_dir(out, MIX)
     for suite in SUITES:
         if suite == "forgetting":   # full answers, compared with the backbone's
             extra = ["--limit", str(size.forgetting)] if size.forgetting else []

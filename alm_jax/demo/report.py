@@ -1,10 +1,11 @@
 """The demo's report: numbers from the run's files -> `report.json`, `report.md`, `report.html` and PNG plots.
 
-    numbers = collect(run_dir)            # reads train/metrics.jsonl, eval/*.json and their details
+    numbers = collect(run_dir)            # reads [naming/]train/metrics.jsonl, eval/*.json and their details
     write_report(run_dir, numbers)        # report.json / .md / .html, loss.png, accuracy.png
 
-Inputs (what the chain's commands wrote under `run_dir`): `train/metrics.jsonl` (`alm train`: loss per
-logged step, periodic `eval/...` rows), `eval/<suite>.json` and `eval/<suite>-details/*.json` (`alm eval
+Inputs (what the chain's commands wrote under `run_dir`): `naming/train/metrics.jsonl` and `train/metrics.jsonl`
+(`alm train` of stage 1 and stage 2: loss per logged step, periodic `eval/...` rows; stage 2's steps are counted on
+from stage 1's last, so the curves run across both), `eval/<suite>.json` and `eval/<suite>-details/*.json` (`alm eval
 --out`), `corpus/<recipe>/generation_report.json` (`alm generate`), `timings.json` (the chain's step
 times). `report.json` holds the flat keys the README quotes (`hallucination.accuracy`, `hallucination.no_f1`,
 `hallucination.backbone_text_accuracy`, `hallucination.no_audio_accuracy`, `multi_audio.accuracy`,
@@ -79,12 +80,35 @@ def _details(run_dir: Path, suite: str) -> dict[str, Any]:
     return json.loads(found[0].read_text()) if found else {}
 
 
+# the training stages' `logging.dir` under the run, in order (stage 2 starts from stage 1's connector)
+STAGE_LOGS = (("naming", Path("naming") / "train"), ("mix", Path("train")))
+
+
 def training_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The metric rows of `run_dir/train/metrics.jsonl` (event rows left out; [] before training)."""
+    """The metric rows of every stage's `metrics.jsonl` (event rows left out; [] before training), each with its
+    `stage` and its `step` counted across the stages (stage 2's step s -> s + stage 1's last step)."""
     from alm_jax.training.metrics import METRICS_FILE, read_metrics
-    if not (run_dir / "train" / METRICS_FILE).exists():
-        return []
-    return [r for r in read_metrics(run_dir / "train") if "event" not in r and "step" in r]
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    for stage, sub in STAGE_LOGS:
+        if not (run_dir / sub / METRICS_FILE).exists():
+            continue
+        own = [{**r, "step": r["step"] + offset, "stage": stage} for r in read_metrics(run_dir / sub)
+               if "event" not in r and "step" in r]
+        rows += own
+        offset = max((r["step"] for r in own), default=offset)
+    return rows
+
+
+def stage_starts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(stage, the step before its first row) for every stage after the first: where the plots mark a new stage."""
+    starts, seen = [], None
+    for i, r in enumerate(rows):
+        if r["stage"] != seen:
+            if seen is not None:
+                starts.append((r["stage"], max(x["step"] for x in rows[:i])))
+            seen = r["stage"]
+    return starts
 
 
 def count_clips(corpus_dir: Path) -> int | None:
@@ -126,8 +150,12 @@ def collect(run_dir) -> dict[str, Any]:
         out["train.heldout_loss"] = evals[-1]["eval/loss"]
         out["train.heldout_loss_other_audio"] = evals[-1]["eval/loss_other_audio"]
         out["train.listening_gap"] = evals[-1]["eval/listening_gap"]
-    if "train" in timings:
-        out["train.seconds"] = timings["train"]
+    stages = {r["stage"]: r["step"] for r in rows if "loss" in r}
+    if "naming" in stages:
+        out["train.naming_steps"] = stages["naming"]
+    trained = [timings[k] for k in ("train_naming", "train") if k in timings]
+    if trained:
+        out["train.seconds"] = sum(trained)
     corpus = {}
     for report in sorted((run_dir / "corpus").glob("*/generation_report.json")):
         r = json.loads(report.read_text())
@@ -141,7 +169,8 @@ def collect(run_dir) -> dict[str, Any]:
     return out
 
 
-def _plot(path: Path, series: list[tuple[str, list[int], list[float]]], ylabel: str, title: str) -> bool:
+def _plot(path: Path, series: list[tuple[str, list[int], list[float]]], ylabel: str, title: str,
+          marks: list[tuple[str, int]] = ()) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,6 +180,10 @@ def _plot(path: Path, series: list[tuple[str, list[int], list[float]]], ylabel: 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for label, xs, ys in series:
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    for stage, step in marks:
+        ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f" {stage} from here", (step, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8,
+                    color="grey")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -163,10 +196,11 @@ def _plot(path: Path, series: list[tuple[str, list[int], list[float]]], ylabel: 
 
 
 def plots(run_dir) -> list[str]:
-    """`loss.png` (training loss, held-out loss) and `accuracy.png` (the periodic suites) in `run_dir`;
-    returns the files written."""
+    """`loss.png` (training loss, held-out loss) and `accuracy.png` (the periodic suites) in `run_dir`, a dashed
+    line where a stage starts; returns the files written."""
     run_dir = Path(run_dir)
     rows = training_rows(run_dir)
+    marks = stage_starts(rows)
     written = []
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     held = [(r["step"], r["eval/loss"]) for r in rows if r.get("eval/loss") is not None]
@@ -175,13 +209,13 @@ def plots(run_dir) -> list[str]:
                                     ("held-out loss", [s for s, _ in held], [v for _, v in held]),
                                     ("held-out loss, another clip's audio", [s for s, _ in other],
                                      [v for _, v in other])],
-             "loss (nats / token)", "Loss"):
+             "loss (nats / token)", "Loss", marks):
         written.append("loss.png")
     curves = []
     for key, label in CURVES:
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         curves.append((label, [s for s, _ in pts], [v for _, v in pts]))
-    if _plot(run_dir / "accuracy.png", curves, "percent", "Held-out accuracy during training"):
+    if _plot(run_dir / "accuracy.png", curves, "percent", "Held-out accuracy during training", marks):
         written.append("accuracy.png")
     return written
 
