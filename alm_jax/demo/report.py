@@ -182,8 +182,8 @@ def _plot(path: Path, series: list[tuple[str, list[int], list[float]]], ylabel: 
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     for stage, step in marks:
         ax.axvline(step, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f" {stage} from here", (step, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8,
-                    color="grey")
+        ax.annotate(f"{stage} from here ", (step, 0.5), xycoords=("data", "axes fraction"), rotation=90, ha="right",
+                    va="center", fontsize=8, color="grey")   # along the line, clear of the legend
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
