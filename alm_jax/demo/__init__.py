@@ -113,17 +113,30 @@ EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One `alm train` run of the demo: its corpora, learning rate and directories under the run's `out`."""
+    """One `alm train` run of the demo: its corpora, learning rate, steps and directories under the run's `out`."""
     name: str                   # the chain step (`timings.json`)
+    label: str                  # the report's name for it (rows, plots)
     corpora: tuple[str, ...]
     lr: float
+    steps_of: str               # the `DemoSize` field holding its steps
     dir: str                    # "" = `out` itself: `out/checkpoints`, `out/train`
+    starts_from: Stage | None = None   # the stage whose final connector it starts from (`model.init_from`)
+
+    def steps(self, size: DemoSize) -> int:
+        return getattr(size, self.steps_of)
+
+    def checkpoint_dir(self, out: Path) -> Path:
+        return out / self.dir / "checkpoints"
+
+    def log_dir(self, out: Path) -> Path:
+        return out / self.dir / "train"
 
 
 # Stage 1 listens first: on the naming records alone, BatchNorm and lr 2e-3 named 7 of 12 unseen single-event clips
 # after 400 one-device steps (probe G); lr 3e-4, or the same settings on the mix, never did (probes E, H).
-NAMING = Stage("train_naming", ("desta",), 2e-3, "naming")
-MIX = Stage("train", TRAIN_CORPORA, 5e-4, "")
+NAMING = Stage("train_naming", "naming", ("desta",), 2e-3, "naming_steps", "naming")
+MIX = Stage("train", "mix", TRAIN_CORPORA, 5e-4, "steps", "", starts_from=NAMING)
+STAGES = (NAMING, MIX)
 # Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
 # ("a waterfall" for a drip) after the part that names the sound or says yes/no; the demo keeps that part: "The most
 # prominent sound in this clip is the **Drum Hit** sound." fits 16 tokens, "Yes, the audio clip contains a siren."
@@ -147,30 +160,23 @@ def kept_records(corpus: Path) -> int:
     return json.loads((corpus / "manifest.json").read_text())["total_records"]
 
 
-def stage_steps(stage: Stage, size: DemoSize) -> int:
-    return size.naming_steps if stage is NAMING else size.steps
-
-
-def checkpoint_dir(out: Path, stage: Stage) -> Path:
-    return out / stage.dir / "checkpoints"
-
-
-def train_overrides(out: Path, size: DemoSize, seed: int, stage: Stage = MIX) -> list[str]:
+def train_overrides(out: Path, size: DemoSize, seed: int, stage: Stage) -> list[str]:
     """`alm train configs/demo.yaml` overrides of one stage of a demo run (corpora mixed by records kept x
     `EMPHASIS`; stage 2 starts from stage 1's final connector)."""
-    steps = stage_steps(stage, size)
+    steps = stage.steps(size)
     corpora = ",".join(str(out / "corpus" / r) for r in stage.corpora)
     weights = ",".join(str(max(kept_records(out / "corpus" / r), 1) * EMPHASIS[r]) for r in stage.corpora)
     suites = (f"[{{name: hallucination, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 8, baselines: false}}, "
               f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 16}}]")
     argv = [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
-            f"checkpoint.dir={checkpoint_dir(out, stage)}", f"logging.dir={out / stage.dir / 'train'}",
+            f"checkpoint.dir={stage.checkpoint_dir(out)}", f"logging.dir={stage.log_dir(out)}",
             f"steps={steps}", f"optim.total_steps={steps}", f"optim.lr={stage.lr}", f"data.batch_size={size.batch_size}",
             f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
             "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
             f"checkpoint.every={size.eval_every}", "resume=auto"]
-    if stage is MIX:
-        argv.append(f"model.init_from=[{{run: {checkpoint_dir(out, NAMING)}, step: {size.naming_steps}, "
+    if stage.starts_from is not None:
+        first = stage.starts_from
+        argv.append(f"model.init_from=[{{run: {first.checkpoint_dir(out)}, step: {first.steps(size)}, "
                     "map: {connector: connector}}]")
     return argv
 
@@ -201,10 +207,10 @@ def run_demo(args) -> int:
                     "--max-new-tokens", str(ANSWER_TOKENS[name])] + gen
                    + [f"source.seed={seed}", "source.max_duration=6.0"] + extra)
     xla = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
-    for stage in (NAMING, MIX):
-        chain.step(stage.name, _checkpoint_done(checkpoint_dir(out, stage), stage_steps(stage, size)),
+    for stage in STAGES:
+        chain.step(stage.name, _checkpoint_done(stage.checkpoint_dir(out), stage.steps(size)),
                    ["train", str(DEMO_CONFIG)] + train_overrides(out, size, args.seed, stage), env={"XLA_FLAGS": xla})
-    ckpt = checkpoint_dir(out, MIX)
+    ckpt = STAGES[-1].checkpoint_dir(out)
     for suite in SUITES:
         if suite == "forgetting":   # full answers, compared with the backbone's
             extra = ["--limit", str(size.forgetting)] if size.forgetting else []

@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from alm_jax.demo import NAMING, STAGES   # the training stages: their log dirs, labels, chain steps
+
 SUITES = ("hallucination", "multi_audio", "forgetting", "alignment")
 # report key -> (suite, metric name in the suite's results)
 KEYS = {
@@ -80,20 +82,17 @@ def _details(run_dir: Path, suite: str) -> dict[str, Any]:
     return json.loads(found[0].read_text()) if found else {}
 
 
-# the training stages' `logging.dir` under the run, in order (stage 2 starts from stage 1's connector)
-STAGE_LOGS = (("naming", Path("naming") / "train"), ("mix", Path("train")))
-
-
 def training_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The metric rows of every stage's `metrics.jsonl` (event rows left out; [] before training), each with its
     `stage` and its `step` counted across the stages (stage 2's step s -> s + stage 1's last step)."""
     from alm_jax.training.metrics import METRICS_FILE, read_metrics
     rows: list[dict[str, Any]] = []
     offset = 0
-    for stage, sub in STAGE_LOGS:
-        if not (run_dir / sub / METRICS_FILE).exists():
+    for stage in STAGES:
+        logs = stage.log_dir(run_dir)
+        if not (logs / METRICS_FILE).exists():
             continue
-        own = [{**r, "step": r["step"] + offset, "stage": stage} for r in read_metrics(run_dir / sub)
+        own = [{**r, "step": r["step"] + offset, "stage": stage.label} for r in read_metrics(logs)
                if "event" not in r and "step" in r]
         rows += own
         offset = max((r["step"] for r in own), default=offset)
@@ -151,9 +150,9 @@ def collect(run_dir) -> dict[str, Any]:
         out["train.heldout_loss_other_audio"] = evals[-1]["eval/loss_other_audio"]
         out["train.listening_gap"] = evals[-1]["eval/listening_gap"]
     stages = {r["stage"]: r["step"] for r in rows if "loss" in r}
-    if "naming" in stages:
-        out["train.naming_steps"] = stages["naming"]
-    trained = [timings[k] for k in ("train_naming", "train") if k in timings]
+    if NAMING.label in stages:
+        out["train.naming_steps"] = stages[NAMING.label]
+    trained = [timings[stage.name] for stage in STAGES if stage.name in timings]
     if trained:
         out["train.seconds"] = sum(trained)
     corpus = {}

@@ -67,7 +67,6 @@ class AlignmentSuite(GenerationSuite):
                             sample_rate=self.answerer.sample_rate, min_duration=min(2.0, longest),
                             max_duration=longest)
         self.vocabulary = sorted(source.label_vocabulary)
-        self.nouns = {noun: label for noun, label in EVENT_NOUNS.items() if label in self.vocabulary}
         n = min(suite.limit or suite.clips, suite.clips)
         self.items, self.records, self.skipped = [], [], 0
         for i in range(n):
@@ -91,7 +90,8 @@ class AlignmentSuite(GenerationSuite):
     def run(self, model) -> dict[str, float]:
         rows = []
         for it, (a, t, b) in zip(self.items, self.reference.compare(model, self.records, self.bare, self.progress)):
-            read = {k: read_label(v, self.vocabulary, self.nouns) for k, v in (("alm", a), ("backbone_text", t), ("no_audio", b))}
+            read = {k: read_label(v, self.vocabulary, EVENT_NOUNS)
+                    for k, v in (("alm", a), ("backbone_text", t), ("no_audio", b))}
             rows.append({**it, "alm": a, "backbone_text": t, "no_audio": b, "read": read})
         pct = lambda flags: 100.0 * sum(flags) / len(flags)
         agree = lambda who: pct([r["read"][who] is not None and r["read"][who] == r["read"]["backbone_text"]
