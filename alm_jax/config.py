@@ -159,6 +159,8 @@ class OptimConfig:
     total_steps: int = 1000
     clip_norm: float = 1.0
     grad_accum: int = 1
+    cycles: int = 1          # cosine cycles over total_steps (SGDR warm restarts): each restarts at once (no warmup)
+    cycle_decay: float = 0.5  # cycle k peaks at lr * cycle_decay**k
     lr_mults: tuple[tuple[str, float], ...] = ()   # YAML: {regex: multiplier} over trainable parameter paths
                              # ("connector.net.proj.kernel"); the first full match scales that parameter's update
                              # (its learning rate and decoupled weight decay), others keep 1 (big_vision lr_mults)

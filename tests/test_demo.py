@@ -73,7 +73,7 @@ def fake_alm(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "alm_command", lambda: [sys.executable, str(script)])
     monkeypatch.setenv("FAKE_LOG", str(log))
     monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, heldout=2, naming_steps=4,
-                                                          steps=4, eval_every=2, eval_clips=2, final_clips=4,
+                                                          naming_cycles=2, steps=4, eval_every=2, eval_clips=2, final_clips=4,
                                                           forgetting=2))
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -105,9 +105,10 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     # stage 1 listens first: the naming records alone at a high lr, into its own directories
     assert naming.data.corpus == (str(out / "corpus" / "desta"),) and naming.model.init_from == ()
     assert naming.checkpoint.dir == str(out / "naming" / "checkpoints") and naming.optim.lr == 2e-3
+    assert naming.optim.cycles == 2 and naming.optim.total_steps == naming.steps   # warm restarts (`naming_cycles`)
     # stage 2: the mix from stage 1's final connector, at a lower lr, DeSTA at twice its share (`EMPHASIS`)
     cfg = train
-    assert len(cfg.data.corpus) == 3 and cfg.optim.lr < naming.optim.lr
+    assert len(cfg.data.corpus) == 3 and cfg.optim.lr < naming.optim.lr and cfg.optim.cycles == 1
     assert cfg.data.weights == (8.0, 5.0, 2.0)        # the records each corpus kept x EMPHASIS (2, 1, 1)
     (init,) = cfg.model.init_from
     assert (init.run, init.step, init.map) == (naming.checkpoint.dir, 4, (("connector", "connector"),))
@@ -119,6 +120,9 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     ma = next(g for g in gens if "balsa_ma" in g)
     assert f"recipe.max_clips={cfg.data.max_clips}" in ma   # every BALSa-MA record fits the run's audio slots
     desta = next(g for g in gens if "source.seed=10" in g)
+    heldout = next(g for g in gens if "source.seed=13" in g)   # the held-out loss asks the naming task too
+    assert [a for a in heldout if a.startswith(("recipe.", "source.k", "source.max_e"))] == [
+        a for a in desta if a.startswith(("recipe.", "source.k", "source.max_e"))]
     option = next(a for a in desta if a.startswith("recipe.instructions="))
     from alm_jax.evaluation.alignment import QUESTION
     from alm_jax.recipes.pools import prompt_lines

@@ -10,8 +10,8 @@ from flax import nnx
 from alm_jax.config import OptimConfig, load_config
 from alm_jax.errors import ConfigError
 from alm_jax.models.layers import Embed, Linear, RMSNorm
-from alm_jax.training.step import (TrainState, build_train_step, make_optimizer, masked_cross_entropy, param_path,
-                                   split_microbatches)
+from alm_jax.training.step import (TrainState, build_train_step, make_optimizer, make_schedule, masked_cross_entropy,
+                                   param_path, split_microbatches)
 
 
 class TinyLM(nnx.Module):
@@ -218,3 +218,20 @@ def test_lr_mults_read_from_a_yaml_mapping(tmp_path):
     assert got == (("connector\\.net\\.proj\\..*", 0.1), ("connector.net.queries", 0.3))
     with pytest.raises(ConfigError, match=r"lr_mults\[0\]: expected 2 values"):
         load_config(cfg, ["optim.lr_mults=[[a, 1.0, 2.0]]"])
+
+
+def test_schedule_warm_restarts():
+    """`optim.cycles`: each cycle's last update reaches 0, the next starts at once at lr * cycle_decay**k."""
+    one = make_schedule(OptimConfig(lr=2e-3, warmup_steps=10, total_steps=400))
+    two = make_schedule(OptimConfig(lr=2e-3, warmup_steps=10, total_steps=400, cycles=2, cycle_decay=0.5))
+    lr = lambda s, count: float(s(count))   # count = updates done before this one
+    assert lr(one, 0) == lr(two, 0) == pytest.approx(2e-4)                  # warmup: 1/10 of the peak
+    assert lr(two, 9) == pytest.approx(2e-3) and lr(two, 199) == pytest.approx(0.0, abs=1e-9)
+    assert lr(two, 200) == pytest.approx(1e-3) and lr(two, 399) == pytest.approx(0.0, abs=1e-9)
+    assert lr(two, 300) == pytest.approx(5e-4, rel=0.02)                    # half way down the second cosine
+    assert lr(one, 200) == pytest.approx(0.5 * 2e-3 * (1 + np.cos(np.pi * 191 / 390)))   # one cycle: unchanged
+    three = make_schedule(OptimConfig(lr=1.0, warmup_steps=1, total_steps=10, cycles=3, cycle_decay=0.5))
+    assert [round(lr(three, c), 6) for c in (3, 6, 9)] == [0.5, 0.25, 0.0]     # cycles of 3, 3 and 4 updates
+    for bad in ({"cycles": 0}, {"cycle_decay": 0.0}, {"cycles": 50}):
+        with pytest.raises(ConfigError, match="optim.cycle"):
+            make_schedule(OptimConfig(lr=1e-3, warmup_steps=10, total_steps=400, **bad))

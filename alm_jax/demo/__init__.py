@@ -10,9 +10,9 @@ finished run only rewrites the report; a killed run continues where it stopped):
    source seed (10, 11, 12, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
 3. `alm train configs/demo.yaml` twice, on a multi-device CPU mesh (8 fake devices, data parallel): frozen Whisper
    tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
-   `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3); stage 2
-   (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa and BALSa-MA mix at a
-   lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and alignment
+   `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3, two cosine
+   cycles); stage 2 (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa and
+   BALSa-MA mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and alignment
    evaluation (the accuracy-vs-step plot). One stage on the mix never listened (BENCHMARKS.md, probes E-J);
 4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
 5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
@@ -48,6 +48,7 @@ class DemoSize:
     balsa_ma: int
     heldout: int
     naming_steps: int       # stage 1: the DeSTA naming records alone
+    naming_cycles: int      # ... in this many cosine cycles (`optim.cycles`, warm restarts)
     steps: int              # stage 2: the mix, from stage 1's connector
     eval_every: int
     eval_clips: int         # periodic hallucination / alignment clips during training
@@ -57,10 +58,10 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, heldout=32, naming_steps=400, steps=200, eval_every=100,
-                     eval_clips=16, final_clips=100, forgetting=0),
-    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, naming_steps=20, steps=20, eval_every=10,
-                      eval_clips=6, final_clips=12, forgetting=4),
+    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, heldout=64, naming_steps=400, naming_cycles=2, steps=200,
+                     eval_every=100, eval_clips=16, final_clips=100, forgetting=0),
+    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, naming_steps=20, naming_cycles=1, steps=20,
+                      eval_every=10, eval_clips=6, final_clips=12, forgetting=4),
 }
 
 
@@ -121,9 +122,13 @@ class Stage:
     steps_of: str               # the `DemoSize` field holding its steps
     dir: str                    # "" = `out` itself: `out/checkpoints`, `out/train`
     starts_from: Stage | None = None   # the stage whose final connector it starts from (`model.init_from`)
+    cycles_of: str | None = None       # the `DemoSize` field holding its cosine cycles (None = one)
 
     def steps(self, size: DemoSize) -> int:
         return getattr(size, self.steps_of)
+
+    def cycles(self, size: DemoSize) -> int:
+        return getattr(size, self.cycles_of) if self.cycles_of else 1
 
     def checkpoint_dir(self, out: Path) -> Path:
         return out / self.dir / "checkpoints"
@@ -133,8 +138,10 @@ class Stage:
 
 
 # Stage 1 listens first: on the naming records alone, BatchNorm and lr 2e-3 named 7 of 12 unseen single-event clips
-# after 400 one-device steps (probe G); lr 3e-4, or the same settings on the mix, never did (probes E, H).
-NAMING = Stage("train_naming", "naming", ("desta",), 2e-3, "naming_steps", "naming")
+# after 400 one-device steps (probe G); lr 3e-4, or the same settings on the mix, never did (probes E, H). G's schedule
+# was two cosines (200 steps at 2e-3, then resumed on a 400-step one: ~1e-3 -> 0); run f's single 400-step cosine
+# spiked at step 260 and named 1 of 12, hence two cycles (`optim.cycles`, the second at half the peak).
+NAMING = Stage("train_naming", "naming", ("desta",), 2e-3, "naming_steps", "naming", cycles_of="naming_cycles")
 MIX = Stage("train", "mix", TRAIN_CORPORA, 5e-4, "steps", "", starts_from=NAMING)
 STAGES = (NAMING, MIX)
 # Self-generated answer length (new tokens) per corpus. SmolLM2-135M pads a 40-token answer with invented detail
@@ -170,8 +177,8 @@ def train_overrides(out: Path, size: DemoSize, seed: int, stage: Stage) -> list[
               f"{{name: alignment, clips: {size.eval_clips}, batch_size: 8, max_new_tokens: 16}}]")
     argv = [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
             f"checkpoint.dir={stage.checkpoint_dir(out)}", f"logging.dir={stage.log_dir(out)}",
-            f"steps={steps}", f"optim.total_steps={steps}", f"optim.lr={stage.lr}", f"data.batch_size={size.batch_size}",
-            f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
+            f"steps={steps}", f"optim.total_steps={steps}", f"optim.cycles={stage.cycles(size)}", f"optim.lr={stage.lr}",
+            f"data.batch_size={size.batch_size}", f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
             "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
             f"checkpoint.every={size.eval_every}", "resume=auto"]
     if stage.starts_from is not None:
@@ -199,7 +206,7 @@ def run_demo(args) -> int:
     corpora = (("desta", "desta", size.desta, 10, DESTA_OPTIONS),
                ("balsa", "balsa", size.balsa, 11, ["recipe.yes_no=1.0", "recipe.answer_hint=true"]),
                ("balsa_ma", "balsa_ma", size.balsa_ma, 12, ["recipe.max_clips=2"]),   # data.max_clips
-               ("heldout", "desta", size.heldout, 13, []))
+               ("heldout", "desta", size.heldout, 13, DESTA_OPTIONS))   # the naming task, unseen clips
     for name, recipe, n, seed, extra in corpora:
         path = out / "corpus" / name
         chain.step(f"generate_{name}", _corpus_done(path),

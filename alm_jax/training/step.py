@@ -95,15 +95,30 @@ def split_model_state(frozen):
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`; with `cycles` > 1
+    the cosine restarts (SGDR): `total_steps` split into `cycles` equal cycles (the last takes the remainder),
+    cycle k starting at once at `lr * cycle_decay**k` with no second warmup (Adam's moments are warm).
 
     Step k (0-based) uses the rate of k + 1, so the first update already moves the parameters
     (lr / warmup_steps) instead of being a wasted zero-rate step."""
     warmup = max(cfg.warmup_steps, 1)
+    if cfg.cycles < 1 or not 0 < cfg.cycle_decay <= 1:
+        raise ConfigError(f"optim.cycles={cfg.cycles} must be >= 1 and optim.cycle_decay={cfg.cycle_decay} in (0, 1]")
+    length = cfg.total_steps // cfg.cycles
+    if cfg.cycles > 1 and length <= warmup:
+        raise ConfigError(f"optim.cycles={cfg.cycles} leaves {length} steps per cycle, not more than "
+                          f"optim.warmup_steps={cfg.warmup_steps}; use fewer cycles or more optim.total_steps")
     if cfg.total_steps <= warmup:
         base = optax.linear_schedule(0.0, cfg.lr, warmup)
-    else:
+    elif cfg.cycles == 1:
         base = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.total_steps, end_value=0.0)
+    else:
+        lengths = [length] * (cfg.cycles - 1) + [cfg.total_steps - length * (cfg.cycles - 1)]
+        pieces = [optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, length, end_value=0.0)]
+        # update u (1-based) reads base(u): a cycle's last update reaches 0, the next one starts at its peak
+        pieces += [optax.cosine_decay_schedule(cfg.lr * cfg.cycle_decay ** k, n - 1)
+                   for k, n in enumerate(lengths[1:], 1)]
+        base = optax.join_schedules(pieces, [sum(lengths[:k]) + 1 for k in range(1, cfg.cycles)])
     return lambda count: base(count + 1)
 
 
