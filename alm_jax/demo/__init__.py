@@ -19,7 +19,7 @@ finished run only rewrites the report; a killed run continues where it stopped):
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
 6. the report (`demo.report`): `report.md`, `report.html`, `report.json`, `loss.png`, `accuracy.png`.
 
-Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps, measured 122 min on 2 cores,
+Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps, measured 117 min on 2 cores,
 the goal is 30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
 corpus, batches, weights and greedy answers), so two runs give the same metrics.
 """
