@@ -73,8 +73,8 @@ def fake_alm(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "alm_command", lambda: [sys.executable, str(script)])
     monkeypatch.setenv("FAKE_LOG", str(log))
     monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, heldout=2, naming_steps=4,
-                                                          naming_cycles=2, steps=4, eval_every=2, eval_clips=2, final_clips=4,
-                                                          forgetting=2))
+                                                          naming_cycles=2, steps=4, eval_every=2, eval_clips=2,
+                                                          final_clips=4, forgetting=2))
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 

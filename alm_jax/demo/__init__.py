@@ -12,8 +12,8 @@ finished run only rewrites the report; a killed run continues where it stopped):
    tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
    `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3, two cosine
    cycles); stage 2 (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa and
-   BALSa-MA mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and alignment
-   evaluation (the accuracy-vs-step plot). One stage on the mix never listened (BENCHMARKS.md, probes E-J);
+   BALSa-MA mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and
+   alignment evaluation (the accuracy-vs-step plot). One stage on the mix never listened (BENCHMARKS.md, probes E-J);
 4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
 5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
@@ -178,7 +178,8 @@ def train_overrides(out: Path, size: DemoSize, seed: int, stage: Stage) -> list[
     argv = [f"data.corpus=[{corpora}]", f"data.weights=[{weights}]", f"eval.corpus=[{out / 'corpus' / 'heldout'}]",
             f"checkpoint.dir={stage.checkpoint_dir(out)}", f"logging.dir={stage.log_dir(out)}",
             f"steps={steps}", f"optim.total_steps={steps}", f"optim.cycles={stage.cycles(size)}", f"optim.lr={stage.lr}",
-            f"data.batch_size={size.batch_size}", f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4", "eval.listening_gap=true",
+            f"data.batch_size={size.batch_size}", f"seed={seed}", f"eval.every={size.eval_every}", "eval.batches=4",
+            "eval.listening_gap=true",
             "eval.evaluators=[loss,hallucination,alignment]", f"eval.suites={suites}",
             f"checkpoint.every={size.eval_every}", "resume=auto"]
     if stage.starts_from is not None:

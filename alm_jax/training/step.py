@@ -110,11 +110,9 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
                           f"optim.warmup_steps={cfg.warmup_steps}; use fewer cycles or more optim.total_steps")
     if cfg.total_steps <= warmup:
         base = optax.linear_schedule(0.0, cfg.lr, warmup)
-    elif cfg.cycles == 1:
-        base = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.total_steps, end_value=0.0)
     else:
         lengths = [length] * (cfg.cycles - 1) + [cfg.total_steps - length * (cfg.cycles - 1)]
-        pieces = [optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, length, end_value=0.0)]
+        pieces = [optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, lengths[0], end_value=0.0)]
         # update u (1-based) reads base(u): a cycle's last update reaches 0, the next one starts at its peak
         pieces += [optax.cosine_decay_schedule(cfg.lr * cfg.cycle_decay ** k, n - 1)
                    for k, n in enumerate(lengths[1:], 1)]
