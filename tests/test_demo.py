@@ -72,9 +72,9 @@ def fake_alm(tmp_path, monkeypatch):
     log = tmp_path / "argv.jsonl"
     monkeypatch.setattr(demo, "alm_command", lambda: [sys.executable, str(script)])
     monkeypatch.setenv("FAKE_LOG", str(log))
-    monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, heldout=2, naming_steps=4,
-                                                          naming_cycles=2, steps=4, eval_every=2, eval_clips=2,
-                                                          final_clips=4, forgetting=2))
+    monkeypatch.setitem(demo.SIZES, "test", demo.DemoSize(desta=5, balsa=6, balsa_ma=3, mallm=4, heldout=2,
+                                                          naming_steps=4, naming_cycles=2, steps=4, eval_every=2,
+                                                          eval_clips=2, final_clips=4, forgetting=2))
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -89,14 +89,14 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     from alm_jax.evaluation import check_suites
     assert run_demo(_args(tmp_path)) == 0
     calls = fake_alm()
-    assert [c[0] for c in calls] == ["models"] + ["generate"] * 4 + ["train"] * 2 + ["eval"] * 4 + ["export"] * 2
+    assert [c[0] for c in calls] == ["models"] + ["generate"] * 5 + ["train"] * 2 + ["eval"] * 4 + ["export"] * 2
     parser = build_parser()
     for argv in calls:
         parser.parse_args(argv)                       # every step is a valid `alm` command line
     gens = [c for c in calls if c[0] == "generate"]
-    assert [g[g.index("--recipe") + 1] for g in gens] == ["desta", "balsa", "balsa_ma", "desta"]
+    assert [g[g.index("--recipe") + 1] for g in gens] == ["desta", "balsa", "balsa_ma", "mallm", "desta"]
     seeds = [next(a for a in g if a.startswith("source.seed=")) for g in gens]
-    assert len(set(seeds)) == 4 and "source.seed=1" not in seeds   # the suites' held-out seed is never trained on
+    assert len(set(seeds)) == 5 and "source.seed=1" not in seeds   # the suites' held-out seed is never trained on
     out = tmp_path / "demo"
     naming, train = (load_config(DEMO_CONFIG, c[2:]) for c in calls if c[0] == "train")
     for cfg in (naming, train):
@@ -108,15 +108,19 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     assert naming.optim.cycles == 2 and naming.optim.total_steps == naming.steps   # warm restarts (`naming_cycles`)
     # stage 2: the mix from stage 1's final connector, at a lower lr, DeSTA at twice its share (`EMPHASIS`)
     cfg = train
-    assert len(cfg.data.corpus) == 3 and cfg.optim.lr < naming.optim.lr and cfg.optim.cycles == 1
-    assert cfg.data.weights == (8.0, 5.0, 2.0)        # the records each corpus kept x EMPHASIS (2, 1, 1)
+    assert len(cfg.data.corpus) == 4 and cfg.optim.lr < naming.optim.lr and cfg.optim.cycles == 1
+    assert cfg.data.corpus[3] == str(out / "corpus" / "mallm")
+    assert cfg.data.weights == (8.0, 5.0, 2.0, 3.0)   # the records each corpus kept x EMPHASIS (2, 1, 1, 1)
     (init,) = cfg.model.init_from
     assert (init.run, init.step, init.map) == (naming.checkpoint.dir, 4, (("connector", "connector"),))
     assert cfg.checkpoint.dir == str(out / "checkpoints") and cfg.logging.dir == str(out / "train")
     train = [c for c in calls if c[0] == "train"][1]
     answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
-    assert answer == [16, 12, 16, 16]                 # short answers: the part naming the sound / saying yes or no
+    assert answer == [16, 12, 16, 16, 16]                 # short answers: the part naming the sound / saying yes or no
     assert all("--trim-unfinished" in g for g in gens)   # ... cut back to whole sentences, no EOS mid-sentence
+    balsa = next(g for g in gens if "balsa" in g)      # yes/no with the answer told, as many yes as no
+    assert {"recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positive=1.5"} <= set(balsa)
+    assert "recipe.closed=1.0" in next(g for g in gens if "mallm" in g)   # closed two-clip questions, no LLM
     ma = next(g for g in gens if "balsa_ma" in g)
     assert f"recipe.max_clips={cfg.data.max_clips}" in ma   # every BALSa-MA record fits the run's audio slots
     desta = next(g for g in gens if "source.seed=10" in g)
@@ -172,7 +176,7 @@ def test_a_failing_step_stops_the_chain_and_names_it(tmp_path, fake_alm, monkeyp
     monkeypatch.delenv("FAKE_FAIL")
     assert run_demo(_args(tmp_path)) == 0              # the rerun continues from the failed step
     calls = [c[0] for c in fake_alm()]
-    assert calls.count("generate") == 4 and calls.count("train") == 3
+    assert calls.count("generate") == 5 and calls.count("train") == 3
 
 
 def test_wilson_interval():

