@@ -21,7 +21,7 @@ finished run only rewrites the report; a killed run continues where it stopped):
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
 6. the report (`demo.report`): `report.md`, `report.html`, `report.json`, `loss.png`, `accuracy.png`.
 
-Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps, measured 117 min on 2 cores,
+Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps, measured 115-117 min on 2 cores,
 the goal is 30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
 corpus, batches, weights and greedy answers), so two runs give the same metrics.
 """
@@ -168,13 +168,15 @@ DESTA_OPTIONS = [f"recipe.instructions={DESTA_INSTRUCTIONS}", "recipe.require_la
 # The BALSa corpus: yes/no questions (`recipe.yes_no=1.0`) whose answer SmolLM2 is told (`recipe.answer_hint`), with
 # as many "yes" as "no" answers. At equal prompt-type weights 554 of 859 kept answers said "no" (combined questions are
 # "no" unless both sounds are there: 233 of 309), and the ALM trained on them said "no" to 66% of the hallucination
-# suite's questions (half of them "yes"; accuracy 39.5, run g). Positive at 1.5 makes the expected "yes" share
-# (1.5 + 0.25) / 3.5 = 1/2.
+# suite's questions (half of them "yes"; accuracy 39.5, run g). Positive at 1.5 makes the "yes" share of the items
+# (1.5 + 0.25) / 3.5 = 1/2; of the kept records 362 of 845 (43%: `--trim-unfinished` drops 30% of the positive answers,
+# "Yes, the audio clip contains a major chord." being longer than "No, ..."), and run h's ALM reached 46.0.
 BALSA_OPTIONS = ["recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positive=1.5"]
 # The MALLM corpus: closed-form questions about two near-identical clips ("Which clip contains a siren, the first or
 # the second?" -> "The second clip contains siren."), answered from the pair's metadata without the LLM. Until run h
 # nothing in the mix asked a closed two-clip question, and the multi_audio suite's "contains" answers named a sound
-# instead of a clip (13 of 18 unreadable, run g).
+# instead of a clip (13 of 18 unreadable, run g). With them (run h, 500 records, 16% of the mix) the suite's answers
+# did not change: "The audio contains a sound of bell." (SmolLM2 from the text is at chance on these questions too).
 MALLM_OPTIONS = ["recipe.closed=1.0"]
 
 
