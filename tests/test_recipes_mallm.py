@@ -141,6 +141,14 @@ def test_closed_form_answers_come_from_metadata(pairs):
             word = re.search(r'says "(.+)" in', md["answer"]).group(1)
             assert word in transcript_words(inside) and word not in transcript_words(outside)
             assert md["answer"].endswith(f"the {ordinal} clip.")
+        elif md["task"] == "which_audio_has_sound":   # the clips named as the training layout labels them
+            number, label = re.search(r"^Audio ([12]) contains (.+)\.$", md["answer"]).groups()
+            assert int(number) == md["answer_clip"] and "Audio 1 or" in md["instruction"]
+            assert label in inside.labels and label not in outside.labels and label in md["instruction"]
+        elif md["task"] == "which_audio_says":
+            word, number = re.search(r'says "(.+)" in Audio ([12])\.$', md["answer"]).groups()
+            assert int(number) == md["answer_clip"] and word in md["instruction"]
+            assert word in transcript_words(inside) and word not in transcript_words(outside)
         elif md["task"] == "what_differs_replace":
             first, second = re.search(r"first clip has (.+) where the second clip has (.+)\.", md["answer"]).groups()
             assert first in a.labels and first not in b.labels and second in b.labels and second not in a.labels
@@ -156,7 +164,7 @@ def test_closed_form_answers_come_from_metadata(pairs):
         record = Record.from_bytes(item.to_record(item.fixed_response, "some-llm").to_bytes())
         assert record.provenance.generator == "metadata" and len(record.clips) == 2
         assert record.messages[1]["content"].count("<audio>") == 2
-    assert len(tasks) >= 4 and set(swapped) == {True, False}, (tasks, swapped)
+    assert len(tasks) >= 5 and set(swapped) == {True, False}, (tasks, swapped)
 
 
 def test_open_difference_items(pairs):

@@ -7,8 +7,9 @@ Two kinds of item:
 - **difference** (open): the backbone LLM reads both seed descriptions, labelled `[Begin of audio 1]` ...,
   and writes what differs (generation prompt: the instruction, then the hints "The two clips are identical
   except for one change." and how to refer to the clips);
-- **closed-form** (no LLM): "Which clip contains {label}?", "In which clip does the speaker say
-  "{word}"?", "Which sound / word differs?", answered from the two clips' rendered metadata: the labels
+- **closed-form** (no LLM): "Which clip contains {label}?" (or "Is {label} in Audio 1 or in Audio 2?", the
+  clips named as the training layout labels them), "In which clip does the speaker say "{word}"?" (or "... in
+  Audio 1 or in Audio 2?"), "Which sound / word differs?", answered from the two clips' rendered metadata: the labels
   (or transcript words) that one clip has and the other lacks. `item.fixed_response` holds the answer;
   `generation_messages` is still a valid prompt for an engine that ignores it.
 
@@ -37,7 +38,7 @@ RECIPE_ID = "mallm"
 ORDINALS = ("first", "second")
 _STREAM = 0x3A11
 _WORD = re.compile(r"[A-Za-z']+")
-_CLOSED_SLOTS = {"label", "word", "before", "after", "ordinal", "other"}
+_CLOSED_SLOTS = {"label", "word", "before", "after", "ordinal", "other", "number"}
 
 
 def transcript_words(meta: ClipMeta) -> list[str]:
@@ -76,20 +77,20 @@ class MallmRecipe(Recipe):
         labels, words = differences(metas)
         options = []
         if labels[0] or labels[1]:
-            options.append("which_has_sound")
+            options += ["which_has_sound", "which_audio_has_sound"]
             options.append("what_differs_replace" if labels[0] and labels[1] else "what_differs_add")
         elif words[0] or words[1]:
-            options += ["which_says", "what_differs_word"]
+            options += ["which_says", "which_audio_says", "what_differs_word"]
         else:
             raise data_error("pair_without_difference", f"clips {metas[0].clip_id} and {metas[1].clip_id} have the "
                                                         "same labels and transcript; a pair must differ in one")
         task = options[rng.integers(len(options))]
-        diff = words if task in ("which_says", "what_differs_word") else labels
-        if task in ("which_has_sound", "which_says", "what_differs_add"):
+        diff = words if task in ("which_says", "which_audio_says", "what_differs_word") else labels
+        if task in ("which_has_sound", "which_audio_has_sound", "which_says", "which_audio_says", "what_differs_add"):
             sides = [k for k in (0, 1) if diff[k]]
             k = sides[rng.integers(len(sides))]
             item = diff[k][rng.integers(len(diff[k]))]
-            fill = {"label": item, "word": item, "ordinal": ORDINALS[k], "other": ORDINALS[1 - k]}
+            fill = {"label": item, "word": item, "ordinal": ORDINALS[k], "other": ORDINALS[1 - k], "number": k + 1}
             answer_clip = k + 1 if task != "what_differs_add" else None
         else:  # the first clip's item and the second's
             fill = {"before": diff[0][0], "after": diff[1][0], "ordinal": ORDINALS[0], "other": ORDINALS[1]}
