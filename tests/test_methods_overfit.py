@@ -185,7 +185,7 @@ def test_mallm_with_lora_overfits_its_pair_corpus(methods, tmp_path):
     assert all(len(r.clips) == 2 for r in records)
     tasks = {r.metadata["task"] for r in records}
     assert "difference" in tasks and len(tasks) > 1
-    cfg, losses, state = _train(methods, "mallm", "mallm", tmp_path, "data.max_text_tokens=160", lr=0.01)
+    cfg, losses, state = _train(methods, "mallm", "mallm", tmp_path, "data.max_text_tokens=160", lr=0.01, steps=25)
     assert cfg.model.lora.rank > 0 and cfg.model.connector.kind == "qwen2_audio" and cfg.data.max_clips == 2
     lora_b = {k: v for k, v in _leaves(state["trainable"]["llm"]).items() if "lora_b" in k}
     assert lora_b and all(np.abs(v).max() > 0 for v in lora_b.values())   # moved off their zero init
