@@ -176,7 +176,8 @@ BALSA_OPTIONS = ["recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positiv
 # the second?" -> "The second clip contains siren."), answered from the pair's metadata without the LLM. Until run h
 # nothing in the mix asked a closed two-clip question, and the multi_audio suite's "contains" answers named a sound
 # instead of a clip (13 of 18 unreadable, run g). With them (run h, 500 records, 16% of the mix) the suite's answers
-# did not change: "The audio contains a sound of bell." (SmolLM2 from the text is at chance on these questions too).
+# did not change: "The audio contains a sound of bell." (SmolLM2 from the text is at chance on these questions too);
+# with the which-clip questions also worded "Audio 1 or Audio 2?" (run i) 12 of 18 name a clip, all "Audio 1".
 MALLM_OPTIONS = ["recipe.closed=1.0"]
 
 
