@@ -116,7 +116,7 @@ def test_chain_runs_the_public_commands_in_order_then_skips_them(tmp_path, fake_
     assert cfg.checkpoint.dir == str(out / "checkpoints") and cfg.logging.dir == str(out / "train")
     train = [c for c in calls if c[0] == "train"][1]
     answer = [int(g[g.index("--max-new-tokens") + 1]) for g in gens]
-    assert answer == [16, 12, 16, 16, 16]                 # short answers: the part naming the sound / saying yes or no
+    assert answer == [16, 12, 16, 16, 16]             # short answers: the part naming the sound / saying yes or no
     assert all("--trim-unfinished" in g for g in gens)   # ... cut back to whole sentences, no EOS mid-sentence
     balsa = next(g for g in gens if "balsa" in g)      # yes/no with the answer told, as many yes as no
     assert {"recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positive=1.5"} <= set(balsa)

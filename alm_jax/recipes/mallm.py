@@ -39,6 +39,10 @@ ORDINALS = ("first", "second")
 _STREAM = 0x3A11
 _WORD = re.compile(r"[A-Za-z']+")
 _CLOSED_SLOTS = {"label", "word", "before", "after", "ordinal", "other", "number"}
+# closed-form tasks by what the pair differs in; the two-sided ones name the first clip's item and the second's
+_SOUND_TASKS = ("which_has_sound", "which_audio_has_sound")
+_WORD_TASKS = ("which_says", "which_audio_says", "what_differs_word")
+_TWO_SIDED = ("what_differs_replace", "what_differs_word")
 
 
 def transcript_words(meta: ClipMeta) -> list[str]:
@@ -77,16 +81,16 @@ class MallmRecipe(Recipe):
         labels, words = differences(metas)
         options = []
         if labels[0] or labels[1]:
-            options += ["which_has_sound", "which_audio_has_sound"]
+            options += list(_SOUND_TASKS)
             options.append("what_differs_replace" if labels[0] and labels[1] else "what_differs_add")
         elif words[0] or words[1]:
-            options += ["which_says", "which_audio_says", "what_differs_word"]
+            options += list(_WORD_TASKS)
         else:
             raise data_error("pair_without_difference", f"clips {metas[0].clip_id} and {metas[1].clip_id} have the "
                                                         "same labels and transcript; a pair must differ in one")
         task = options[rng.integers(len(options))]
-        diff = words if task in ("which_says", "which_audio_says", "what_differs_word") else labels
-        if task in ("which_has_sound", "which_audio_has_sound", "which_says", "which_audio_says", "what_differs_add"):
+        diff = words if task in _WORD_TASKS else labels
+        if task not in _TWO_SIDED:
             sides = [k for k in (0, 1) if diff[k]]
             k = sides[rng.integers(len(sides))]
             item = diff[k][rng.integers(len(diff[k]))]
