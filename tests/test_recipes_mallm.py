@@ -10,7 +10,8 @@ import pytest
 
 from alm_jax.audio import synth
 from alm_jax.data.records import Record
-from alm_jax.data.sources.demo import PAIR_EDITS, DemoSource
+from alm_jax.data.seed_descriptions import alarm_seed_description, desta_seed_description
+from alm_jax.data.sources.demo import CONTENT_EDITS, LEVEL_EDITS, DemoSource
 from alm_jax.errors import ConfigError
 from alm_jax.recipes.mallm import MallmRecipe, transcript_words
 
@@ -74,8 +75,8 @@ def test_pairs_differ_exactly_in_the_intended_event_or_word(pairs):
         assert 0.3 <= max(np.abs(wa).max(), np.abs(wb).max()) <= 0.9 + 1e-6     # one peak scale for both
         if a.attributes["background"] == "silence":
             assert a.attributes["snr_db"] is None and b.attributes["snr_db"] is None
-    expected = set(PAIR_EDITS) if synth.speech_available() else set(PAIR_EDITS) - {"word"}
-    assert set(edits) == expected, edits
+    expected = set(CONTENT_EDITS) if synth.speech_available() else set(CONTENT_EDITS) - {"word"}
+    assert set(edits) == expected, edits   # level / length are opt-in: a default source's pairs are unchanged
 
 
 def test_pairs_are_deterministic_and_apart_from_the_clip_stream(source, pairs):
@@ -99,6 +100,58 @@ def test_sentence_swaps_are_unambiguous_one_word_edits():
                 assert r.lower() not in lowered and " " not in r, (sentence, r)
 
 
+@pytest.fixture(scope="module")
+def level_pairs():
+    source = DemoSource(seed=5, n_clips=24, min_duration=1.5, max_duration=4.0, pair_edits=LEVEL_EDITS)
+    return [source.pair(i) for i in range(24)]
+
+
+def rms(wave):
+    return float(np.sqrt(np.mean(wave.astype(np.float64) ** 2)))
+
+
+def test_level_and_length_pairs_differ_only_in_loudness_or_duration(level_pairs):
+    edits = collections.Counter(p.edit for p in level_pairs)
+    assert set(edits) == set(LEVEL_EDITS), edits
+    for pair in level_pairs:
+        (a, wa), (b, wb) = pair.first, pair.second
+        assert (a.labels, a.events, a.speech) == (b.labels, b.events, b.speech) and pair.before is pair.after is None
+        assert wa.shape == (round(a.duration * a.sample_rate),) and wb.shape == (round(b.duration * b.sample_rate),)
+        assert a.attributes["background"] == b.attributes["background"]
+        if pair.edit == "level":   # the same samples, the second 6-12 dB quieter, which the descriptions say
+            drop = b.attributes["level_db"]
+            assert a.duration == b.duration and a.attributes["level_db"] == 0.0 and -12 <= drop <= -6
+            assert np.allclose(wb, wa * 10 ** (drop / 20), atol=1e-6)
+            assert 20 * np.log10(rms(wb) / rms(wa)) == pytest.approx(drop, abs=0.01)
+            assert "(Volume: High)" in desta_seed_description(a)
+            assert f"(Volume: Low, {-drop:g} dB quieter)" in desta_seed_description(b)
+            assert f"|volume: Low, {-drop:g} dB quieter|" in alarm_seed_description(b)
+        else:                      # the shorter clip is the longer one's first samples, over audible noise
+            gap = b.duration - a.duration
+            assert 1.0 <= gap <= 3.0 + 1e-9 and pair.span == (a.duration, b.duration)
+            assert b.duration <= 4.0 and a.attributes["background"] != "silence"
+            assert np.array_equal(wa, wb[: len(wa)]) and rms(wb[len(wa):]) > 1e-3
+            assert all(e.offset <= a.duration for e in a.events) and "volume" not in a.attributes
+            assert desta_seed_description(a) != desta_seed_description(b)   # the background line's span
+
+
+def test_closed_form_louder_and_longer_name_the_louder_and_longer_waveform(level_pairs):
+    recipe = MallmRecipe(seed=4, closed=1.0)
+    tasks = collections.Counter()
+    for i in range(len(level_pairs)):
+        item = recipe.item_for(i, PairList(level_pairs))
+        md = item.metadata
+        tasks[md["task"]] += 1
+        (_, w1), (_, w2) = item.clips
+        louder, longer = (1 if rms(w1) > rms(w2) else 2), (1 if len(w1) > len(w2) else 2)
+        expected = louder if md["edit"] == "level" else longer
+        assert md["answer_clip"] == expected, (md, rms(w1), rms(w2))
+        word = "louder" if md["edit"] == "level" else "longer"
+        assert md["answer"] in (f"Audio {expected} is {word}.", f"The {('first', 'second')[expected - 1]} clip is {word}.")
+        assert md["task"].endswith(word) and (md["task"].startswith("which_audio_") == ("Audio" in md["answer"]))
+    assert set(tasks) == {"which_louder", "which_audio_louder", "which_longer", "which_audio_longer"}, tasks
+
+
 def test_pair_settings_errors():
     with pytest.raises(ConfigError, match="distinct event labels"):
         DemoSource(seed=0, n_clips=1, event_labels=("bell",), pair_edits=("add",)).pair(0)
@@ -106,6 +159,10 @@ def test_pair_settings_errors():
         DemoSource(seed=0, n_clips=1, kinds=("events",), pair_edits=("word",)).pair(0)
     with pytest.raises(ConfigError, match="pair_edits"):
         DemoSource(pair_edits=("swap",))
+    with pytest.raises(ConfigError, match="noise background"):
+        DemoSource(seed=0, n_clips=1, backgrounds=("silence",), pair_edits=("length",)).pair(0)
+    with pytest.raises(ConfigError, match="max_duration >= 1.5"):
+        DemoSource(seed=0, n_clips=1, min_duration=0.5, max_duration=1.2, pair_edits=("length",)).pair(0)
 
 
 class PairList:

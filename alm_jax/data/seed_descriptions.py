@@ -6,6 +6,8 @@ rounded up to whole seconds; durations are whole seconds (`2s`), or one decimal 
 (`0.4s`). Speech attributes are rendered from `Speech.attributes` keys in this order, unknown keys skipped:
 emotion, gender, age, accent, language, pitch_level (as Pitch), volume, speaking_speed (as Speaking speed).
 The clip background comes from `ClipMeta.attributes["background"]` (and `"snr_db"`); 'silence' is omitted.
+A clip-level `attributes["volume"]` (and `"level_db"`, e.g. a quieter copy of a clip) is a line of its own,
+`[00:00-00:10] (Volume: Low, 8.5 dB quieter)`.
 
 **DeSTA** (DeSTA2.5-Audio `[mm:ss-mm:ss] transcript (Attr: value, ...)`), capitalized keys and values,
 Duration last::
@@ -83,6 +85,15 @@ def _background(meta: ClipMeta) -> tuple[str, float | None] | None:
     return str(kind), meta.attributes.get("snr_db")
 
 
+def _volume(meta: ClipMeta) -> str | None:
+    """'Low, 8.5 dB quieter' from the clip's `volume` (and negative `level_db`) attributes, or None."""
+    volume = meta.attributes.get("volume")
+    if not volume:
+        return None
+    level_db = meta.attributes.get("level_db")
+    return _value(volume) + (f", {-level_db:g} dB quieter" if level_db is not None and level_db < 0 else "")
+
+
 def _untimed_sound(meta: ClipMeta) -> tuple[str, str] | None:
     """('labels' | 'caption', text) describing non-speech content when the clip has no timed events."""
     if meta.events:
@@ -108,6 +119,9 @@ def desta_seed_description(meta: ClipMeta) -> str:
         kind, snr_db = background
         snr = f", SNR: {snr_db:g} dB" if snr_db is not None else ""
         lines.append((0.0, _BACKGROUND_RANK, meta.duration, f"{clip_span} (Background: {kind}{snr})"))
+    volume = _volume(meta)
+    if volume:
+        lines.append((0.0, _BACKGROUND_RANK, meta.duration, f"{clip_span} (Volume: {volume})"))
     for s in meta.speech:
         attributes = _speech_attributes(s) + [("Duration", format_duration(s.end - s.start))]
         fields = ", ".join(f"{title}: {value}" for title, value in attributes)
@@ -132,6 +146,9 @@ def alarm_seed_description(meta: ClipMeta) -> str:
         snr = f" (SNR {snr_db:g} dB)" if snr_db is not None else ""
         lines.append((0.0, _BACKGROUND_RANK, meta.duration,
                       f"{format_span(0.0, meta.duration)} |background: {kind}{snr}|"))
+    volume = _volume(meta)
+    if volume:
+        lines.append((0.0, _BACKGROUND_RANK, meta.duration, f"{format_span(0.0, meta.duration)} |volume: {volume}|"))
     for s in meta.speech:
         attributes = [("duration", format_duration(s.end - s.start))]
         attributes += [(title.lower(), value) for title, value in _speech_attributes(s)]

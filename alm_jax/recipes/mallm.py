@@ -2,15 +2,17 @@
 
 A pair comes from the source's pair generator (`source.pair(i) -> ClipPair`, e.g. `DemoSource.pair`): the
 same background with one event added, removed or replaced, or the same sentence with one word changed.
-Two kinds of item:
+With `pair_edits` including `level` / `length` the two clips differ in loudness or duration instead. Two kinds
+of item:
 
 - **difference** (open): the backbone LLM reads both seed descriptions, labelled `[Begin of audio 1]` ...,
   and writes what differs (generation prompt: the instruction, then the hints "The two clips are identical
   except for one change." and how to refer to the clips);
 - **closed-form** (no LLM): "Which clip contains {label}?" (or "Is {label} in Audio 1 or in Audio 2?", the
   clips named as the training layout labels them), "In which clip does the speaker say "{word}"?" (or "... in
-  Audio 1 or in Audio 2?"), "Which sound / word differs?", answered from the two clips' rendered metadata: the labels
-  (or transcript words) that one clip has and the other lacks. `item.fixed_response` holds the answer;
+  Audio 1 or in Audio 2?"), "Which sound / word differs?", "Which clip (Audio 1 or 2) is louder / longer?",
+  answered from the two clips' rendered metadata: the labels (or transcript words) that one clip has and the
+  other lacks, their `level_db` attributes, their durations. `item.fixed_response` holds the answer;
   `generation_messages` is still a valid prompt for an engine that ignores it.
 
 Training messages: `Audio 1: <start_audio><audio><end_audio>` / `Audio 2: ...` then the instruction.
@@ -43,6 +45,9 @@ _CLOSED_SLOTS = {"label", "word", "before", "after", "ordinal", "other", "number
 _SOUND_TASKS = ("which_has_sound", "which_audio_has_sound")
 _WORD_TASKS = ("which_says", "which_audio_says", "what_differs_word")
 _TWO_SIDED = ("what_differs_replace", "what_differs_word")
+# pairs that differ in level or duration (`DemoSource` `level` / `length` edits): which clip is louder / longer
+_LOUD_TASKS = ("which_louder", "which_audio_louder")
+_LONG_TASKS = ("which_longer", "which_audio_longer")
 
 
 def transcript_words(meta: ClipMeta) -> list[str]:
@@ -79,7 +84,12 @@ class MallmRecipe(Recipe):
     def closed_item(self, metas: tuple[ClipMeta, ClipMeta], rng) -> dict:
         """A closed-form question about two clips and its answer, both from their metadata."""
         labels, words = differences(metas)
+        levels = [m.attributes.get("level_db") for m in metas]
         options = []
+        if not (labels[0] or labels[1] or words[0] or words[1]) and None not in levels and levels[0] != levels[1]:
+            return self._which_item(_LOUD_TASKS, int(levels[1] > levels[0]), rng)
+        if not (labels[0] or labels[1] or words[0] or words[1]) and metas[0].duration != metas[1].duration:
+            return self._which_item(_LONG_TASKS, int(metas[1].duration > metas[0].duration), rng)
         if labels[0] or labels[1]:
             options += list(_SOUND_TASKS)
             options.append("what_differs_replace" if labels[0] and labels[1] else "what_differs_add")
@@ -87,7 +97,8 @@ class MallmRecipe(Recipe):
             options += list(_WORD_TASKS)
         else:
             raise data_error("pair_without_difference", f"clips {metas[0].clip_id} and {metas[1].clip_id} have the "
-                                                        "same labels and transcript; a pair must differ in one")
+                                                        "same labels, transcript, level and duration; a pair must "
+                                                        "differ in one")
         task = options[rng.integers(len(options))]
         diff = words if task in _WORD_TASKS else labels
         if task not in _TWO_SIDED:
@@ -103,6 +114,14 @@ class MallmRecipe(Recipe):
         question = questions[rng.integers(len(questions))]
         return {"task": task, "instruction": question.format(**fill), "answer": answer.format(**fill),
                 "answer_clip": answer_clip}
+
+    def _which_item(self, tasks: tuple[str, ...], k: int, rng) -> dict:
+        """A louder / longer question whose answer is clip `k` (0 or 1)."""
+        task = tasks[rng.integers(len(tasks))]
+        questions, answer = self.questions[task]
+        fill = {"ordinal": ORDINALS[k], "other": ORDINALS[1 - k], "number": k + 1}
+        return {"task": task, "instruction": questions[rng.integers(len(questions))].format(**fill),
+                "answer": answer.format(**fill), "answer_clip": k + 1}
 
     def item_for(self, index: int, source) -> GenerationItem:
         """Item `index`: pair `index % len(source)`, an open difference item or a closed-form question."""

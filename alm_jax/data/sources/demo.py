@@ -21,7 +21,10 @@ Without an espeak-ng backend the speech kinds are dropped with a warning (`synth
 **Pairs** (`source.pair(i) -> ClipPair`, MALLM-style minimal pairs): two clips that differ in exactly one
 thing, `edit` in `PAIR_EDITS`: an event `add`ed, `remove`d or `replace`d (same span, another class) over the
 same background, or one `word` of the same sentence changed (`synth.SENTENCE_SWAPS`), same voice, rate and
-pitch. Shared parts are sample-identical: each event and the background are rendered from their own
+pitch (`CONTENT_EDITS`, the default); or, opted into with `pair_edits` (`LEVEL_EDITS`), the same clip with the
+second one `level` 6-12 dB quieter (attributes `volume` high / low and `level_db` 0 / -drop, which the seed
+descriptions show), or the same events over a noise background with the second one 1-3 s longer (`length`: the
+shorter clip is the longer one's first samples). Shared parts are sample-identical: each event and the background are rendered from their own
 seeds, the background has one gain for both clips (set by the first clip's SNR draw; each clip records its
 own resulting SNR) and both clips get one peak scale (the louder clip peaks in [0.3, 0.9]). Pair `i`
 depends only on `(seed, i)` and the settings, drawn from a stream separate from the clips'.
@@ -59,7 +62,11 @@ GAIN_DB = (-6.0, 0.0)             # per event / utterance, relative to loudest-2
 PEAK = (0.3, 0.9)                 # final peak level
 SECOND_UTTERANCE_PROBABILITY = 0.3
 SOUND_EDITS = ("add", "remove", "replace")
-PAIR_EDITS = SOUND_EDITS + ("word",)
+CONTENT_EDITS = SOUND_EDITS + ("word",)         # the default: pairs that differ in what is heard
+LEVEL_EDITS = ("level", "length")              # opt-in: pairs that differ in how loud / how long
+PAIR_EDITS = CONTENT_EDITS + LEVEL_EDITS
+LEVEL_DROP_DB = (6.0, 12.0)        # a level pair's quieter clip, dB below the other
+LENGTH_GAP_MS = (1000, 3000)       # a length pair's extra background, ms
 BACKGROUND_KEY = "background:"     # prefix of a background in co-occurrence pairs
 _PAIR_STREAM = 0x9A125             # pairs draw from their own stream, apart from the clips'
 
@@ -101,9 +108,11 @@ class ClipPair:
 
     first, second: (ClipMeta, waveform float32 `[samples]`), same duration and background;
     edit: `add` (second has one more event, labelled `after`), `remove` (second lacks the event labelled
-    `before`), `replace` (first's event `before` is `after` in second, same span) or `word` (the
-    utterance says `after` where first says `before`); span: (start, end) seconds of the edited event or
-    of the utterance (the union of both clips' utterance spans).
+    `before`), `replace` (first's event `before` is `after` in second, same span), `word` (the
+    utterance says `after` where first says `before`), `level` (second is quieter) or `length` (second is
+    longer; before / after are None for these two); span: (start, end) seconds of the edited event, of the
+    utterance (the union of both clips' utterance spans), of the whole clip (`level`) or of the longer clip's
+    extra part (`length`). Both clips have the same duration except for `length`.
     """
     first: tuple[ClipMeta, np.ndarray]
     second: tuple[ClipMeta, np.ndarray]
@@ -129,7 +138,8 @@ class DemoSource:
 
     seed: non-negative int; n_clips: the source's length; kinds: a subset of KINDS; sample_rate: Hz.
     The other settings bound what is drawn (seconds, dB, words per minute, espeak pitch 0-99);
-    pair_edits: the edits `pair(i)` draws from (`word` only when a speech kind is among `kinds`).
+    pair_edits: the edits `pair(i)` draws from (`word` only when a speech kind is among `kinds`; default
+    `CONTENT_EDITS`, `LEVEL_EDITS` opt in).
     """
 
     def __init__(self, seed: int = 0, n_clips: int = 1000, kinds: Sequence[str] = KINDS,
@@ -137,7 +147,7 @@ class DemoSource:
                  max_events: int = 3, event_labels: Sequence[str] = synth.EVENT_LABELS,
                  backgrounds: Sequence[str] = synth.BACKGROUNDS, snr_db_range: tuple[float, float] = (0.0, 20.0),
                  rate_wpm_range: tuple[int, int] = (110, 210), pitch_range: tuple[int, int] = (20, 80),
-                 voices: Sequence[str] = tuple(synth.VOICES), pair_edits: Sequence[str] = PAIR_EDITS):
+                 voices: Sequence[str] = tuple(synth.VOICES), pair_edits: Sequence[str] = CONTENT_EDITS):
         _check(isinstance(seed, (int, np.integer)) and seed >= 0, f"seed must be an int >= 0, got {seed!r}")
         _check(isinstance(n_clips, (int, np.integer)) and n_clips >= 0, f"n_clips must be >= 0, got {n_clips!r}")
         _check_subset("kinds", kinds, KINDS)
@@ -175,7 +185,7 @@ class DemoSource:
         has_speech = bool(SPEECH_KINDS & set(kinds))
         self.label_vocabulary = self.event_labels + ((SPEECH_LABEL,) if has_speech else ())
         # word edits need speech among the kinds (so that 'speech' is in the label vocabulary)
-        self.pair_edits = tuple(e for e in pair_edits if e in SOUND_EDITS or has_speech)
+        self.pair_edits = tuple(e for e in pair_edits if e != "word" or has_speech)
 
     def __len__(self) -> int:
         return self.n_clips
@@ -233,7 +243,8 @@ class DemoSource:
         return meta, waveform
 
     def _meta(self, clip_id: str, duration_ms: int, background: str, snr_db: float | None,
-              events: Sequence[Event], speech: Sequence[Speech], extra: dict) -> ClipMeta:
+              events: Sequence[Event], speech: Sequence[Speech], extra: dict, attributes: dict | None = None
+              ) -> ClipMeta:
         """The ClipMeta of a rendered clip: caption, labels and time-sorted events from its parts."""
         phrases = [(s.start, s.end, _speech_phrase(s)) for s in speech]
         phrases += [(e.onset, e.offset, synth.EVENT_CLASSES[e.label].phrase) for e in events]
@@ -242,7 +253,7 @@ class DemoSource:
             clip_id=clip_id, source=SOURCE_NAME, duration=duration_ms / 1000,
             sample_rate=self.sample_rate, caption=compose_caption(phrases, background), labels=tuple(labels),
             events=tuple(sorted(events, key=lambda e: (e.onset, e.offset))), speech=tuple(speech),
-            attributes={"background": background, "snr_db": snr_db}, label_vocabulary=self.label_vocabulary,
+            attributes={"background": background, "snr_db": snr_db, **(attributes or {})}, label_vocabulary=self.label_vocabulary,
             extra=extra)
 
     # -----------------------------------------------------------------------------------------------------
@@ -274,20 +285,74 @@ class DemoSource:
         snr_db = round(float(rng.uniform(*self.snr_db_range)), 1)
         peak = float(rng.uniform(*PEAK))
         background_seed = int(rng.integers(2 ** 63))
+        durations = [duration_ms, duration_ms]
+        levels: list[dict] = [{}, {}]
         if edit == "word":
             first, second, before, after, span, duration_ms = self._word_pair(rng, duration_ms)
-        else:
+            durations = [duration_ms, duration_ms]
+        elif edit in SOUND_EDITS:
             first, second, before, after, span = self._event_pair(rng, edit, duration_ms, background)
+        elif edit == "level":
+            first, duration_ms = self._plain_parts(rng, duration_ms, background)
+            second, before, after, span, durations = first, None, None, (0.0, duration_ms / 1000), [duration_ms] * 2
+            drop_db = round(float(rng.uniform(*LEVEL_DROP_DB)), 1)
+            levels = [{"volume": "high", "level_db": 0.0}, {"volume": "low", "level_db": -drop_db}]
+        else:   # length: the same events over noise (over silence the extra part would not be heard)
+            background = self._noise_background(rng)
+            durations = self._length_durations(rng)
+            first, _ = self._plain_parts(rng, durations[0], background, events_only=True)
+            second, before, after, span = first, None, None, (durations[0] / 1000, durations[1] / 1000)
+            duration_ms = durations[1]
         waves, snrs = self._render_pair(first, second, duration_ms, background, snr_db, background_seed, peak)
+        if edit == "level":
+            waves[1] = (waves[1] * 10 ** (levels[1]["level_db"] / 20)).astype(np.float32)
         clips = []
         for member, (parts, wave, clip_snr) in enumerate(zip((first, second), waves, snrs)):
             meta = self._meta(
-                f"demo-{self.seed}-pair{index:07d}-{'ab'[member]}", duration_ms, background, clip_snr,
+                f"demo-{self.seed}-pair{index:07d}-{'ab'[member]}", durations[member], background, clip_snr,
                 [p.item for p in parts if isinstance(p.item, Event)],
                 [p.item for p in parts if isinstance(p.item, Speech)],
-                {"kind": "pair", "seed": self.seed, "index": index, "pair_member": member, "edit": edit})
-            clips.append((meta, wave))
+                {"kind": "pair", "seed": self.seed, "index": index, "pair_member": member, "edit": edit},
+                levels[member])
+            clips.append((meta, wave[: self._sample(durations[member] / 1000)]))
         return ClipPair(clips[0], clips[1], edit, before, after, span)
+
+    def _plain_parts(self, rng: np.random.Generator, duration_ms: int, background: str, events_only: bool = False
+                     ) -> tuple[list[_Part], int]:
+        """The unedited content of a `level` / `length` pair, of a kind drawn from `kinds` (events only when
+        `events_only`), and its duration in ms (a speech clip is lengthened to fit its utterance)."""
+        kind = "events" if events_only else self.kinds[rng.integers(len(self.kinds))]
+        parts: list[_Part] = []
+        if kind in SPEECH_KINDS:
+            speech, speech_waves, speech_end_ms = self._utterances(rng, 1)
+            parts += [_Part(s, w) for s, w in zip(speech, speech_waves)]
+            tail_ms = int(rng.integers(200, 1001))
+            duration_ms = max(duration_ms, min(speech_end_ms + tail_ms, self._max_ms), speech_end_ms)
+        if kind != "speech":
+            n_events = int(rng.integers(1, (self.max_events if kind == "events" else min(2, self.max_events)) + 1))
+            events, event_waves = self._events(rng, n_events, duration_ms, background)
+            parts += [_Part(e, w) for e, w in zip(events, event_waves)]
+        return parts, duration_ms
+
+    def _noise_background(self, rng: np.random.Generator) -> str:
+        noisy = [b for b in self.backgrounds if b != "silence"]
+        if not noisy:
+            raise ConfigError("DemoSource.pair: a 'length' edit needs a noise background (over silence the longer "
+                              "clip's extra part is not heard); allow one in `backgrounds` or drop 'length' from "
+                              "pair_edits")
+        return noisy[rng.integers(len(noisy))]
+
+    def _length_durations(self, rng: np.random.Generator) -> list[int]:
+        """(shorter, longer) durations in ms of a `length` pair: the shorter one in [min_duration, max_duration -
+        gap] (at least 0.5 s), the longer one 1-3 s (the gap) longer."""
+        room = self._max_ms - 500          # the shorter clip keeps at least half a second
+        if room < LENGTH_GAP_MS[0]:
+            raise ConfigError(f"DemoSource.pair: a 'length' edit needs max_duration >= "
+                              f"{(LENGTH_GAP_MS[0] + 500) / 1000} s, got {self.max_duration}")
+        gap_ms = int(rng.integers(LENGTH_GAP_MS[0], min(LENGTH_GAP_MS[1], room) + 1))
+        longest = self._max_ms - gap_ms
+        shorter = int(rng.integers(max(500, min(round(self.min_duration * 1000), longest)), longest + 1))
+        return [shorter, shorter + gap_ms]
 
     def _event_pair(self, rng: np.random.Generator, edit: str, duration_ms: int, background: str
                     ) -> tuple[list[_Part], list[_Part], str | None, str | None, tuple[float, float]]:
