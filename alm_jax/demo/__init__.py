@@ -13,16 +13,16 @@ finished run only rewrites the report; a killed run continues where it stopped):
    tiny.en -> DeSTA Q-Former (BatchNorm before the projection) -> frozen SmolLM2. Stage 1 ("naming",
    `naming/checkpoints`) learns to listen on the DeSTA records alone (name the clip's sound, lr 2e-3, two cosine
    cycles); stage 2 (`checkpoints`) starts from stage 1's connector (`model.init_from`) on the DeSTA, BALSa,
-   BALSa-MA and MALLM mix at a lower lr (the yes/no and two-clip forms: which clip has a sound, is louder, is
-   longer). Both with periodic held-out loss, hallucination and alignment evaluation (the accuracy-vs-step plot).
-   One stage on the mix never listened (BENCHMARKS.md, probes E-J);
+   BALSa-MA and MALLM mix at a lower lr (the yes/no and two-clip forms). Both with periodic held-out loss,
+   hallucination and alignment evaluation (the accuracy-vs-step plot). One stage on the mix never listened
+   (BENCHMARKS.md, probes E-J);
 4. `alm eval` x 4 on the final checkpoint: hallucination, multi_audio, forgetting, alignment;
 5. `alm export`: the trained model as a bundle (`export/bundle`) and the LLM as a Hugging Face directory
    (`export/hf`; the Q-Former has no Hugging Face architecture, the bundle carries it);
 6. the report (`demo.report`): `report.md`, `report.html`, `report.json`, `loss.png`, `accuracy.png`.
 
-Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 300 steps; 115-117 min on 2 cores at
-400 + 200, the goal is 30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
+Sizes (`--size`, `DEMO_SIZE` in the Makefile): `full` (the default; 400 + 200 steps, measured 115-117 min on 2 cores,
+the goal is 30) and `small` (minutes). Every step's seconds go to `timings.json`; everything is deterministic given the seed (same
 corpus, batches, weights and greedy answers), so two runs give the same metrics.
 """
 
@@ -61,8 +61,8 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, mallm=2000, heldout=64, naming_steps=400, naming_cycles=2,
-                     steps=300, eval_every=100, eval_clips=16, final_clips=100, forgetting=0),
+    "full": DemoSize(desta=1200, balsa=1000, balsa_ma=250, mallm=500, heldout=64, naming_steps=400, naming_cycles=2,
+                     steps=200, eval_every=100, eval_clips=16, final_clips=100, forgetting=0),
     "small": DemoSize(desta=48, balsa=64, balsa_ma=16, mallm=16, heldout=8, naming_steps=20, naming_cycles=1,
                       steps=20, eval_every=10, eval_clips=6, final_clips=12, forgetting=4),
 }
@@ -178,12 +178,10 @@ BALSA_OPTIONS = ["recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positiv
 # instead of a clip (13 of 18 unreadable, run g). With them (run h, 500 records, 16% of the mix) the suite's answers
 # did not change: "The audio contains a sound of bell." (SmolLM2 from the text is at chance on these questions too);
 # with the which-clip questions also worded "Audio 1 or Audio 2?" (run i) 12 of 18 name a clip, all "Audio 1".
-# Run i's ALM said "Audio 1" to every louder / longer question (48%): nothing it trained on compared two clips'
-# level or duration. The pairs now include the source's opt-in `level` (the same clip 6-12 dB quieter) and `length`
-# (the same events 1-3 s longer) edits, asked "Which is louder / longer: Audio 1 or Audio 2?", and the word edits
-# (no suite asks which clip says a word) are left out. 2,000 records (~44% of the mix) over 300 steps: the other
-# corpora are drawn as often as in run i's 200 steps, the extra 100 go to the two-clip questions.
-MALLM_OPTIONS = ["recipe.closed=1.0", "source.pair_edits=[add,remove,replace,level,length]"]
+# Run j tried the source's opt-in `level` / `length` pairs ("Which is louder / longer: Audio 1 or Audio 2?", 2,000
+# records, 44% of a 300-step stage 2): multi_audio 48.4 (longer 60, louder 48: the ALM did not learn to compare two
+# clips' level even in the training wording) and hallucination fell to 41.0, so the demo keeps run i's corpus.
+MALLM_OPTIONS = ["recipe.closed=1.0"]
 
 
 def kept_records(corpus: Path) -> int:
