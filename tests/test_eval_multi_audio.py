@@ -15,6 +15,9 @@ def test_read_choice():
     assert read_choice("Audio 2.") == "2" and read_choice("The first one") == "1"
     assert read_choice("It is clip 1, not audio 2") == "1" and read_choice("2") == "2"
     assert read_choice("Neither") is None and read_choice("The second audio is longer") == "2"
+    # a per-clip listing chooses nothing (the frozen SmolLM2's habit: 'Audio 1:\n\nAudio 2:')
+    assert read_choice('Audio 1: "Calm"\nAudio 2: "Calm') is None and read_choice(" audio 2: a bell") is None
+    assert read_choice("Audio 2 is louder.\nAudio 1: quiet") == "2" and read_choice("Answer: Audio 1") == "1"
 
 
 def _suite(tiny, run_dir, seconds, clips):
@@ -59,6 +62,7 @@ def test_report_on_a_tiny_alm(tiny, tmp_path):
         assert m[f"eval/multi_audio/{key}"] == pytest.approx(100 * sum(r["read"][who] == r["expected"] for r in rows) / len(rows))
     agree = [r["read"]["alm"] is not None and r["read"]["alm"] == r["read"]["backbone_text"] for r in rows]
     assert m["eval/multi_audio/agreement"] == pytest.approx(100 * sum(agree) / len(rows))
+    assert m["eval/multi_audio/unreadable"] == pytest.approx(100 * sum(r["read"]["alm"] is None for r in rows) / len(rows))
     assert {k.split("/")[-1] for k in m if "/task/" in k} <= set(suite.tasks)
     assert suite.reference.load is None   # its text answers are cached, the backbone dropped
 

@@ -24,10 +24,12 @@ Three answers per item, all greedy:
   says so), i.e. what the ALM was trained to imitate; computed once;
 - **no-audio baseline**: the ALM with the question alone.
 
-Answers are read as "1" / "2" (`read_choice`: the first `audio 1`, `first`, `1`, ... in the text) or yes / no.
+Answers are read as "1" / "2" (`read_choice`: the first `audio 1`, `first`, `1`, ... in the text; an answer that
+opens with "Audio 1:" describes the clips in turn and chooses none) or yes / no.
 Metrics (percent): `accuracy` (ALM vs the exact answer), `accuracy_backbone_text`, `accuracy_no_audio`,
 `agreement` (ALM and backbone read the same answer), `agreement_no_audio` (the no-audio baseline's
-agreement with the backbone), `task/<task>` (ALM accuracy per task), and the counts `items`, `skipped`.
+agreement with the backbone), `unreadable` (ALM answers read as neither), `task/<task>` (ALM accuracy per task),
+and the counts `items`, `skipped`.
 An unreadable answer is wrong and agrees with nothing.
 """
 
@@ -61,12 +63,16 @@ MIN_DURATION_GAP = 1.0   # seconds
 SPEECH_SECONDS = 3.0     # buffers shorter than this draw event clips only
 _LONGER_TRIES = 8        # further clips tried for the second clip of a `longer` item
 _STREAM = 0x3A0D10
+_LISTING = re.compile(r"\s*(?:audio|clip)\s*[12]\s*:")
 _CHOICE = re.compile(r"\b(?:audio|clip)\s*([12])\b|\b(first|second|one|two)\b|\b([12])\b")
 
 
 def read_choice(text: str) -> str | None:
     """'1' / '2' read from an answer: the first `audio 1` / `clip 2` / `first` / `second` / `one` / `two` /
-    a bare 1 or 2; None when there is none."""
+    a bare 1 or 2; None when there is none, or when the answer opens with a clip's label and a colon
+    ('Audio 1: "Calm"\nAudio 2: ...'): a description of each clip in turn, not a choice."""
+    if _LISTING.match(text.lower()):
+        return None
     m = _CHOICE.search(text.lower())
     if not m:
         return None
@@ -206,6 +212,7 @@ class MultiAudioSuite(GenerationSuite):
             "accuracy_no_audio": pct([r["no_audio"] == row["expected"] for r, row in zip(read, rows)]),
             "agreement": pct([r["alm"] is not None and r["alm"] == r["backbone_text"] for r in read]),
             "agreement_no_audio": pct([r["no_audio"] is not None and r["no_audio"] == r["backbone_text"] for r in read]),
+            "unreadable": pct([r["alm"] is None for r in read]),
             "items": float(len(rows)), "skipped": float(self.skipped)}
         for task in self.tasks:
             flags = [r["alm"] == row["expected"] for r, row in zip(read, rows) if row["task"] == task]
