@@ -179,8 +179,9 @@ BALSA_OPTIONS = ["recipe.yes_no=1.0", "recipe.answer_hint=true", "recipe.positiv
 # did not change: "The audio contains a sound of bell." (SmolLM2 from the text is at chance on these questions too);
 # with the which-clip questions also worded "Audio 1 or Audio 2?" (run i) 12 of 18 name a clip, all "Audio 1".
 # Run j tried the source's opt-in `level` / `length` pairs ("Which is louder / longer: Audio 1 or Audio 2?", 2,000
-# records, 44% of a 300-step stage 2): multi_audio 48.4 (longer 60, louder 48: the ALM did not learn to compare two
-# clips' level even in the training wording) and hallucination fell to 41.0, so the demo keeps run i's corpus.
+# records, 44% of a 300-step stage 2): multi_audio 48.4 (25.8 once a listing 'Audio 1: ... Audio 2: ...' chooses no
+# clip; longer 60, louder 48: the ALM did not learn to compare two clips' level even in the training wording) and
+# hallucination fell to 41.0, so the demo keeps run i's corpus.
 MALLM_OPTIONS = ["recipe.closed=1.0"]
 
 
