@@ -43,6 +43,22 @@ def ridge_accuracy(x: np.ndarray, y: np.ndarray, classes: int, alpha: float = 10
     return float(np.mean((b @ w).argmax(1) == y[cut:]))
 
 
+def tokens_and_pooled(model, audio: np.ndarray, samples: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The audio tokens `[n, 16, llm_dim]` of clips `audio` `[n, S]` (valid `samples` `[n]`), and Whisper's last
+    tapped block mean-pooled over each clip's frames `[n, d]`, `batch` clips at a time (Whisper runs once for both)."""
+    import jax.numpy as jnp
+    toks, pooled = [], []
+    for s in range(0, len(audio), batch):
+        a, n = jnp.asarray(audio[s:s + batch]), jnp.asarray(samples[s:s + batch])
+        states = model.encoder_states(0, a, None, n)
+        toks.append(np.asarray(model.connector([states], n), np.float64))
+        last = np.asarray([x for x in states if x is not None][-1], np.float64)
+        frames = np.ceil(samples[s:s + batch] / audio.shape[1] * last.shape[1])
+        valid = (np.arange(last.shape[1])[None] < frames[:, None])[..., None]
+        pooled.append((last * valid).sum(1) / valid.sum(1))
+    return np.concatenate(toks), np.concatenate(pooled)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", help="an `alm train` checkpoint.dir")
@@ -50,30 +66,19 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=420)
     ap.add_argument("--batch", type=int, default=20)
     args = ap.parse_args()
-    import jax.numpy as jnp
-
     from alm_jax.export.source import load_run
     audio, samples, y, names = clips(args.clips)
     print(f"{args.clips} clips, {len(names)} classes; step | tokens: rms, shared part, clip-to-clip part | "
           "text embedding rms | ridge accuracy from tokens | from Whisper's last tap")
     for step in args.steps:
-        run = load_run(args.checkpoints, step)
-        model, toks, pooled = run.model, [], []
-        for s in range(0, args.clips, args.batch):
-            a, n = jnp.asarray(audio[s:s + args.batch]), jnp.asarray(samples[s:s + args.batch])
-            states = model.encoder_states(0, a, None, n)   # Whisper once: the connector and the readout share it
-            toks.append(np.asarray(model.connector([states], n), np.float64))
-            last = np.asarray([x for x in states if x is not None][-1], np.float64)
-            frames = np.ceil(samples[s:s + args.batch] / audio.shape[1] * last.shape[1])
-            valid = (np.arange(last.shape[1])[None] < frames[:, None])[..., None]
-            pooled.append((last * valid).sum(1) / valid.sum(1))
-        tok = np.concatenate(toks)
+        model = load_run(args.checkpoints, step).model
+        tok, pooled = tokens_and_pooled(model, audio, samples, args.batch)
         shared = tok.mean(0)
         table = np.asarray(model.llm.embed_tokens.embedding[...], np.float64)
         rms = lambda v: float(np.sqrt(np.mean(v ** 2)))   # noqa: E731
         print(f"{step} | {rms(tok):.3f}, {rms(shared):.3f}, {rms(tok - shared):.4f} | {rms(table):.4f} | "
               f"{ridge_accuracy(tok.reshape(len(tok), -1), y, len(names)):.2f} | "
-              f"{ridge_accuracy(np.concatenate(pooled), y, len(names)):.2f}", flush=True)
+              f"{ridge_accuracy(pooled, y, len(names)):.2f}", flush=True)
 
 
 if __name__ == "__main__":

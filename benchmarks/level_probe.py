@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from audio_token_probe import tokens_and_pooled   # a sibling script: benchmarks/ is on sys.path when run
 
 
 def clips(n: int, seconds: float = 6.0):
@@ -29,7 +30,7 @@ def clips(n: int, seconds: float = 6.0):
     s = int(16000 * seconds)
     audio, samples, durations = np.zeros((n, s), np.float32), np.zeros(n, np.int32), np.zeros(n)
     for i in range(n):
-        meta, wave = src[i]
+        _, wave = src[i]
         samples[i] = min(len(wave), s)
         audio[i, :samples[i]] = wave[:s]
         durations[i] = samples[i] / 16000
@@ -45,7 +46,8 @@ def ridge_fit(x: np.ndarray, t: np.ndarray, alpha: float = 10.0):
 
 
 def readouts(feats: np.ndarray, quiet: np.ndarray, durations: np.ndarray) -> dict[str, float]:
-    """Single-clip and pair louder accuracy and duration R^2 / pair order from features `[n, d]` (and quieter copies)."""
+    """Single-clip and pair louder accuracy, duration R^2 and pair order from features `[n, d]` and the quieter
+    copies' features."""
     n = len(feats)
     cut = n * 3 // 4
     x = np.concatenate([feats[:cut], quiet[:cut]])
@@ -70,23 +72,12 @@ def main() -> None:
     ap.add_argument("--drop-db", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=20)
     args = ap.parse_args()
-    import jax.numpy as jnp
-
     from alm_jax.export.source import load_run
     audio, samples, durations = clips(args.clips)
     model = load_run(args.checkpoints, args.step).model
-    out = {}
-    for name, gain in (("original", 1.0), ("quieter", 10 ** (-args.drop_db / 20))):
-        toks, pooled = [], []
-        for s in range(0, args.clips, args.batch):
-            a, n = jnp.asarray(audio[s:s + args.batch] * gain), jnp.asarray(samples[s:s + args.batch])
-            states = model.encoder_states(0, a, None, n)
-            toks.append(np.asarray(model.connector([states], n), np.float64).reshape(len(a), -1))
-            last = np.asarray([x for x in states if x is not None][-1], np.float64)
-            frames = np.ceil(samples[s:s + args.batch] / audio.shape[1] * last.shape[1])
-            valid = (np.arange(last.shape[1])[None] < frames[:, None])[..., None]
-            pooled.append((last * valid).sum(1) / valid.sum(1))
-        out[name] = (np.concatenate(toks), np.concatenate(pooled))
+    out = {name: tokens_and_pooled(model, audio * gain, samples, args.batch)
+           for name, gain in (("original", 1.0), ("quieter", 10 ** (-args.drop_db / 20)))}
+    out = {name: (tok.reshape(len(tok), -1), pooled) for name, (tok, pooled) in out.items()}
     rms = lambda v: float(np.sqrt(np.mean(v ** 2)))   # noqa: E731
     tok, tok_q = out["original"][0], out["quieter"][0]
     print(f"{args.clips} clips, copies {args.drop_db:g} dB quieter; audio tokens: clip-to-clip rms "

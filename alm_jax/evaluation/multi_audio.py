@@ -71,9 +71,10 @@ def read_choice(text: str) -> str | None:
     """'1' / '2' read from an answer: the first `audio 1` / `clip 2` / `first` / `second` / `one` / `two` /
     a bare 1 or 2; None when there is none, or when the answer opens with a clip's label and a colon
     ('Audio 1: "Calm"\nAudio 2: ...'): a description of each clip in turn, not a choice."""
-    if _LISTING.match(text.lower()):
+    text = text.lower()
+    if _LISTING.match(text):
         return None
-    m = _CHOICE.search(text.lower())
+    m = _CHOICE.search(text)
     if not m:
         return None
     word = m.group(1) or m.group(3) or m.group(2)

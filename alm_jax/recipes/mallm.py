@@ -85,11 +85,12 @@ class MallmRecipe(Recipe):
         """A closed-form question about two clips and its answer, both from their metadata."""
         labels, words = differences(metas)
         levels = [m.attributes.get("level_db") for m in metas]
+        if not (any(labels) or any(words)):   # the same content: louder or longer, when they differ in that
+            if None not in levels and levels[0] != levels[1]:
+                return self._which_item(_LOUD_TASKS, int(levels[1] > levels[0]), rng)
+            if metas[0].duration != metas[1].duration:
+                return self._which_item(_LONG_TASKS, int(metas[1].duration > metas[0].duration), rng)
         options = []
-        if not (labels[0] or labels[1] or words[0] or words[1]) and None not in levels and levels[0] != levels[1]:
-            return self._which_item(_LOUD_TASKS, int(levels[1] > levels[0]), rng)
-        if not (labels[0] or labels[1] or words[0] or words[1]) and metas[0].duration != metas[1].duration:
-            return self._which_item(_LONG_TASKS, int(metas[1].duration > metas[0].duration), rng)
         if labels[0] or labels[1]:
             options += list(_SOUND_TASKS)
             options.append("what_differs_replace" if labels[0] and labels[1] else "what_differs_add")

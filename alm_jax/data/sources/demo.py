@@ -24,8 +24,8 @@ same background, or one `word` of the same sentence changed (`synth.SENTENCE_SWA
 pitch (`CONTENT_EDITS`, the default); or, opted into with `pair_edits` (`LEVEL_EDITS`), the same clip with the
 second one `level` 6-12 dB quieter (attributes `volume` high / low and `level_db` 0 / -drop, which the seed
 descriptions show), or the same events over a noise background with the second one 1-3 s longer (`length`: the
-shorter clip is the longer one's first samples). Shared parts are sample-identical: each event and the background are rendered from their own
-seeds, the background has one gain for both clips (set by the first clip's SNR draw; each clip records its
+shorter clip is the longer one's first samples). Shared parts are sample-identical: each event and the background
+are rendered from their own seeds, the background has one gain for both clips (set by the first clip's SNR draw; each clip records its
 own resulting SNR) and both clips get one peak scale (the louder clip peaks in [0.3, 0.9]). Pair `i`
 depends only on `(seed, i)` and the settings, drawn from a stream separate from the clips'.
 
@@ -253,8 +253,8 @@ class DemoSource:
             clip_id=clip_id, source=SOURCE_NAME, duration=duration_ms / 1000,
             sample_rate=self.sample_rate, caption=compose_caption(phrases, background), labels=tuple(labels),
             events=tuple(sorted(events, key=lambda e: (e.onset, e.offset))), speech=tuple(speech),
-            attributes={"background": background, "snr_db": snr_db, **(attributes or {})}, label_vocabulary=self.label_vocabulary,
-            extra=extra)
+            attributes={"background": background, "snr_db": snr_db, **(attributes or {})},
+            label_vocabulary=self.label_vocabulary, extra=extra)
 
     # -----------------------------------------------------------------------------------------------------
     # Co-occurrence and pairs
@@ -285,24 +285,23 @@ class DemoSource:
         snr_db = round(float(rng.uniform(*self.snr_db_range)), 1)
         peak = float(rng.uniform(*PEAK))
         background_seed = int(rng.integers(2 ** 63))
-        durations = [duration_ms, duration_ms]
         levels: list[dict] = [{}, {}]
+        shorter_ms = None                     # the first clip's duration when it is shorter (`length`)
         if edit == "word":
             first, second, before, after, span, duration_ms = self._word_pair(rng, duration_ms)
-            durations = [duration_ms, duration_ms]
         elif edit in SOUND_EDITS:
             first, second, before, after, span = self._event_pair(rng, edit, duration_ms, background)
         elif edit == "level":
             first, duration_ms = self._plain_parts(rng, duration_ms, background)
-            second, before, after, span, durations = first, None, None, (0.0, duration_ms / 1000), [duration_ms] * 2
+            second, before, after, span = first, None, None, (0.0, duration_ms / 1000)
             drop_db = round(float(rng.uniform(*LEVEL_DROP_DB)), 1)
             levels = [{"volume": "high", "level_db": 0.0}, {"volume": "low", "level_db": -drop_db}]
         else:   # length: the same events over noise (over silence the extra part would not be heard)
             background = self._noise_background(rng)
-            durations = self._length_durations(rng)
-            first, _ = self._plain_parts(rng, durations[0], background, events_only=True)
-            second, before, after, span = first, None, None, (durations[0] / 1000, durations[1] / 1000)
-            duration_ms = durations[1]
+            shorter_ms, duration_ms = self._length_durations(rng)
+            first, _ = self._plain_parts(rng, shorter_ms, background, events_only=True)
+            second, before, after, span = first, None, None, (shorter_ms / 1000, duration_ms / 1000)
+        durations = [duration_ms if shorter_ms is None else shorter_ms, duration_ms]
         waves, snrs = self._render_pair(first, second, duration_ms, background, snr_db, background_seed, peak)
         if edit == "level":
             waves[1] = (waves[1] * 10 ** (levels[1]["level_db"] / 20)).astype(np.float32)
@@ -342,7 +341,7 @@ class DemoSource:
                               "pair_edits")
         return noisy[rng.integers(len(noisy))]
 
-    def _length_durations(self, rng: np.random.Generator) -> list[int]:
+    def _length_durations(self, rng: np.random.Generator) -> tuple[int, int]:
         """(shorter, longer) durations in ms of a `length` pair: the shorter one in [min_duration, max_duration -
         gap] (at least 0.5 s), the longer one 1-3 s (the gap) longer."""
         room = self._max_ms - 500          # the shorter clip keeps at least half a second
@@ -352,7 +351,7 @@ class DemoSource:
         gap_ms = int(rng.integers(LENGTH_GAP_MS[0], min(LENGTH_GAP_MS[1], room) + 1))
         longest = self._max_ms - gap_ms
         shorter = int(rng.integers(max(500, min(round(self.min_duration * 1000), longest)), longest + 1))
-        return [shorter, shorter + gap_ms]
+        return shorter, shorter + gap_ms
 
     def _event_pair(self, rng: np.random.Generator, edit: str, duration_ms: int, background: str
                     ) -> tuple[list[_Part], list[_Part], str | None, str | None, tuple[float, float]]:
